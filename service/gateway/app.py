@@ -1,0 +1,153 @@
+"""The Litestar app: `/ws/stream`, `/health`, `/ready`, `/metrics`. Built by `create_app`.
+
+Routes close over the hub, relay and settings they are given: nothing is global, so a
+test builds as many apps as it likes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
+from litestar.exceptions import WebSocketDisconnect
+from litestar.plugins import PluginProtocol
+from litestar.status_codes import (
+    HTTP_200_OK,
+    HTTP_503_SERVICE_UNAVAILABLE,
+    WS_1013_TRY_AGAIN_LATER,
+)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.admission import refusal
+from gateway.hub import SocketBroadcaster
+from gateway.metrics import Metrics
+from gateway.relay import Relay
+from gateway.settings import Settings
+
+SERVICE = "gateway"
+
+
+class Health(msgspec.Struct, frozen=True):
+    """The `/health` body (SPEC: HTTP)."""
+
+    service: str
+    status: str
+    nats_url: str
+    connections: int
+    nats_connected: bool
+    last_message_ts: float | None
+    consumer_lag: int | None
+
+
+class _SocketSink:
+    """The hub's view of a WebSocket: raw ASGI sends, the same `str` for every client."""
+
+    __slots__ = ("_send",)
+
+    def __init__(self, socket: WebSocket[Any, Any, Any]) -> None:
+        self._send = socket.send
+
+    async def send_text(self, text: str) -> None:
+        try:
+            await self._send({"type": "websocket.send", "text": text, "bytes": None})
+        except WebSocketDisconnect:  # Litestar's word for "the peer already left"
+            raise ConnectionResetError from None
+
+    async def close(self, code: int) -> None:
+        try:
+            await self._send({"type": "websocket.close", "code": code, "reason": None})
+        except WebSocketDisconnect:
+            raise ConnectionResetError from None
+
+
+async def _refuse(socket: WebSocket[Any, Any, Any], status: int) -> None:
+    """Answer the handshake with an HTTP error status (403 where the server can't do more)."""
+    if "websocket.http.response" in (socket.scope.get("extensions") or {}):
+        await socket.send(
+            {"type": "websocket.http.response.start", "status": status, "headers": []}
+        )
+        await socket.send({"type": "websocket.http.response.body", "body": b"", "more_body": False})
+    else:
+        await socket.send({"type": "websocket.close", "code": 1008, "reason": None})
+
+
+async def _read_until_disconnect(socket: WebSocket[Any, Any, Any]) -> None:
+    """Inbound frames are ignored; the server's max frame size closes oversize ones (1009)."""
+    while (await socket.receive())["type"] != "websocket.disconnect":
+        pass
+
+
+def create_app(
+    *,
+    settings: Settings,
+    hub: SocketBroadcaster,
+    relay: Relay,
+    metrics: Metrics,
+    plugins: Sequence[PluginProtocol] = (),
+) -> Litestar:
+    """Build the app serving `hub` and reporting on `relay`."""
+
+    @websocket("/ws/stream")
+    async def stream(socket: WebSocket[Any, Any, Any]) -> None:
+        await socket.receive()  # websocket.connect
+        if hub.closing:
+            metrics.connections_rejected.labels("draining").inc()
+            await _refuse(socket, HTTP_503_SERVICE_UNAVAILABLE)
+            return
+        query = dict(socket.query_params.items())
+        reason = refusal(settings, query, socket.headers)
+        if reason is not None:
+            metrics.connections_rejected.labels(reason.value).inc()
+            await _refuse(socket, reason.status)
+            return
+        # Litestar's accept() would wait for websocket.connect, which we already read.
+        await socket.send({"type": "websocket.accept", "subprotocol": None, "headers": []})
+        if len(hub.active_connections) >= settings.max_connections:
+            metrics.connections_rejected.labels("capacity").inc()
+            await socket.close(WS_1013_TRY_AGAIN_LATER, "gateway at capacity")
+            return
+        client = hub.connect(_SocketSink(socket))
+        reader = asyncio.create_task(_read_until_disconnect(socket))
+        reader.add_done_callback(lambda _: client.request_close(None))
+        try:
+            await hub.serve(client)
+        finally:
+            hub.disconnect(client)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
+                await reader
+
+    @get("/health", media_type=MediaType.JSON, sync_to_thread=False)
+    def health() -> Health:
+        ok = relay.ready
+        latest = hub.latest
+        return Health(
+            service=SERVICE,
+            status="healthy" if ok else "degraded",
+            nats_url=settings.nats_url_redacted,
+            connections=len(hub.active_connections),
+            nats_connected=relay.nats_connected,
+            last_message_ts=latest.published_at if latest else None,
+            consumer_lag=relay.consumer_lag,
+        )
+
+    @get("/ready", sync_to_thread=False)
+    def ready() -> Response[dict[str, bool]]:
+        ok = relay.ready and not hub.closing
+        body = {"ready": ok, "nats_connected": relay.nats_connected, "subscribed": relay.subscribed}
+        return Response(body, status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE)
+
+    @get("/metrics", sync_to_thread=False)
+    def metrics_endpoint() -> Response[bytes]:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Litestar(
+        route_handlers=[stream, health, ready, metrics_endpoint],
+        plugins=list(plugins),
+        openapi_config=None,
+        logging_config=None,  # the CLI configures logging once, for every library
+    )

@@ -1,0 +1,70 @@
+"""The `gateway` command: serve (default), publish, demo.
+
+Configuration comes from the environment (see settings.py). A bad value stops the start
+with one line on stderr naming the variable, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from gateway import logs
+from gateway.settings import Settings, SettingsError
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Relay NATS JetStream level signals to WebSocket clients."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{serve,publish,demo}")
+    commands.add_parser("serve", help="relay NATS_URL to WebSocket clients (the default)")
+    commands.add_parser("demo", help="embedded nats-server + publisher + gateway, no Docker")
+    pub = commands.add_parser("publish", help="publish synthetic level signals to NATS_URL")
+    pub.add_argument("--rate", type=float, default=4.0, help="messages per second (default 4)")
+    pub.add_argument("--size", type=int, default=0, help="pad payloads to about this many bytes")
+    pub.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ if env is None else env)
+    except SettingsError as exc:
+        print(f"gateway: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(settings.log_format)
+    if args.command == "demo":
+        from gateway import demo
+
+        with contextlib.suppress(KeyboardInterrupt):
+            demo.run(settings)
+    elif args.command == "publish":
+        from gateway.publisher import publish
+
+        if args.rate <= 0:
+            print("gateway: --rate must be positive", file=sys.stderr)
+            return EXIT_CONFIG
+        coro = publish(
+            settings.nats_servers,
+            stream=settings.stream,
+            subject=settings.subject,
+            rate_hz=args.rate,
+            size=args.size,
+            count=args.count,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(coro)
+    else:
+        from gateway.server import banner, run
+
+        print(banner(settings), flush=True)
+        asyncio.run(run(settings))
+    return 0

@@ -1,0 +1,253 @@
+"""The relay: everything NATS. JetStream `levels.signals` in, validated frames to the hub.
+
+One background task owns the NATS side. It connects (retrying forever, so the gateway
+starts without NATS), makes sure the stream exists, binds the consumer, primes the hub's
+cache with the newest message on the subject, then pulls in batches. Every message is
+acknowledged; only valid ones newer than the current state reach the hub.
+
+Sequence floor: the relay remembers the stream sequence of the state it last offered.
+A message at or below it (a resume backlog after a restart, a redelivery) is acked and
+skipped, so clients never get a burst of stale frames; every newer message is relayed in
+order. The floor resets whenever the consumer is (re)bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+
+from gateway.hub import SocketBroadcaster
+from gateway.metrics import Metrics
+from gateway.payload import Frame, InvalidPayload, validate
+from gateway.settings import Settings, redact_url
+
+log = logging.getLogger(__name__)
+
+FETCH_BATCH = 256  # a resume backlog drains in few round trips
+FETCH_TIMEOUT_S = 1.0  # bounds how stale the loop can be; a lost pull request costs this much
+LAG_REFRESH_S = 1.5  # consumer info (lag, and "does my consumer still exist?") this often
+RETRY_S = 1.0  # pause before rebinding after the stream or consumer went away
+EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter than this
+STREAM_MAX_MSGS_PER_SUBJECT = 100
+STREAM_MAX_AGE_S = 3600.0
+DRAIN_TIMEOUT_S = 3.0
+
+
+class Relay:
+    """Consumes the subject from JetStream and feeds the hub; reports its own state."""
+
+    def __init__(self, settings: Settings, hub: SocketBroadcaster, metrics: Metrics) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.metrics = metrics
+        self.subscribed = False
+        """True while the consumer is bound and known to exist."""
+        self.consumer_lag: int | None = None
+        """The consumer's num_pending from the last consumer info, None when unknown."""
+        self._nc: NATS | None = None
+        self._floor = 0
+        self._said_unreachable = False
+        self._closing = False
+
+    @property
+    def nats_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def ready(self) -> bool:
+        """Connected and subscribed: the gateway can serve current data."""
+        return self.nats_connected and self.subscribed
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Relay]:
+        """Run the relay in the background; on exit stop pulling and drain NATS."""
+        task = asyncio.create_task(self._run(), name="nats-relay")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self._close()
+
+    async def _run(self) -> None:
+        self._nc = nc = NATS()
+        await nc.connect(
+            servers=list(self.settings.nats_servers),
+            name="gateway",
+            max_reconnect_attempts=-1,  # never give up: the gateway outlives NATS outages
+            reconnect_time_wait=1,
+            connect_timeout=2,
+            ping_interval=10,  # a dead server is noticed in ~30 s, not the default 4 min
+            max_outstanding_pings=3,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            error_cb=self._on_error,
+        )
+        log.info("connected to NATS at %s", self._server_shown())
+        self.metrics.nats_connected.set(1)
+        js = nc.jetstream()
+        while True:  # the one error boundary of this task
+            try:
+                await self._consume(js)
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("JetStream consumer lost (%s: %s); rebinding", type(exc).__name__, exc)
+            except Exception:
+                log.exception("unexpected error in the relay; rebinding")
+            await asyncio.sleep(RETRY_S)
+
+    async def _consume(self, js: JetStreamContext) -> None:
+        await self._ensure_stream(js)
+        ephemeral = not self.settings.durable
+        psub = await js.pull_subscribe(
+            self.settings.subject,
+            durable=self.settings.durable or None,
+            stream=self.settings.stream,
+            config=ConsumerConfig(
+                # A new consumer starts at the newest message; the floor skips it if primed.
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=AckPolicy.EXPLICIT,
+                max_ack_pending=FETCH_BATCH * 4,
+                inactive_threshold=EPHEMERAL_INACTIVE_S if ephemeral else None,
+            ),
+        )
+        try:
+            self._floor = 0
+            await self._prime(js)
+            self.subscribed = True
+            log.info(
+                "consuming %s from stream %s (%s consumer)",
+                self.settings.subject,
+                self.settings.stream,
+                "ephemeral" if ephemeral else f"durable {self.settings.durable!r}",
+            )
+            next_info = 0.0
+            while True:
+                if time.monotonic() >= next_info:
+                    await self._refresh_lag(psub)
+                    next_info = time.monotonic() + LAG_REFRESH_S
+                try:
+                    msgs = await psub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
+                except nats.errors.TimeoutError:
+                    continue  # no messages, or NATS is away: nats-py reconnects underneath
+                for msg in msgs:
+                    await self._handle(msg)
+        finally:
+            self.subscribed = False
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def _ensure_stream(self, js: JetStreamContext) -> None:
+        if await ensure_stream(js, self.settings.stream, self.settings.subject):
+            log.info("created stream %s for %s", self.settings.stream, self.settings.subject)
+
+    async def _prime(self, js: JetStreamContext) -> None:
+        """Offer the newest message on the subject, so new clients get state at once."""
+        try:
+            raw = await js.get_last_msg(self.settings.stream, self.settings.subject)
+        except nats.js.errors.NotFoundError:
+            return  # nothing published yet
+        if raw.seq is not None and raw.data is not None and raw.time is not None:
+            self._offer(raw.seq, raw.data, raw.time.timestamp())
+
+    async def _refresh_lag(self, psub: JetStreamContext.PullSubscription) -> None:
+        try:
+            info = await psub.consumer_info()
+        except nats.errors.TimeoutError:
+            self.consumer_lag = None  # NATS is away; the NotFoundError case rebinds
+            return
+        self.consumer_lag = info.num_pending
+        if info.num_pending is not None:
+            self.metrics.consumer_lag.set(info.num_pending)
+
+    async def _handle(self, msg: Msg) -> None:
+        self.metrics.messages_received.inc()
+        meta = msg.metadata
+        self._offer(meta.sequence.stream, msg.data, meta.timestamp.timestamp())
+        await msg.ack()
+
+    def _offer(self, seq: int, data: bytes, published_at: float) -> None:
+        """Relay the message if it is newer than the current state and valid."""
+        if seq <= self._floor:
+            return
+        self._floor = seq
+        try:
+            text = validate(data, self.settings.max_payload_bytes)
+        except InvalidPayload as exc:
+            self.metrics.messages_invalid.inc()
+            log.warning("message seq=%d on %s rejected: %s", seq, self.settings.subject, exc)
+            return
+        self.hub.broadcast(Frame(text, seq, published_at))
+        self.metrics.last_message_timestamp.set(published_at)
+
+    async def _close(self) -> None:
+        self._closing = True
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            if nc.is_connected:
+                await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT_S)
+        except (TimeoutError, nats.errors.Error) as exc:
+            log.warning("NATS drain incomplete: %s", exc)
+        finally:
+            await nc.close()
+        self.metrics.nats_connected.set(0)
+
+    def _server_shown(self) -> str:
+        url = self._nc.connected_url if self._nc else None
+        return self.settings.nats_url_redacted if url is None else redact_url(url.geturl())
+
+    async def _on_disconnected(self) -> None:
+        self.metrics.nats_connected.set(0)
+        self._said_unreachable = True
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.metrics.nats_connected.set(1)
+        log.info("reconnected to NATS at %s", self._server_shown())
+
+    async def _on_error(self, exc: Exception) -> None:
+        # While NATS is away nats-py reports every failed attempt: say it once, at start,
+        # (later outages are announced by the disconnected callback), the rest is debug.
+        if self._nc is not None and not self._nc.is_connected and not self._said_unreachable:
+            self._said_unreachable = True
+            log.warning("NATS not reachable at %s (%s); retrying", self._server_shown(), exc)
+        log.debug("NATS error: %s: %s", type(exc).__name__, exc)
+
+
+async def ensure_stream(js: JetStreamContext, stream: str, subject: str) -> bool:
+    """Create `stream` (bounded) if it is missing; never alter one that exists.
+
+    Returns True if this call created it. The stream normally belongs to the Core service.
+    """
+    try:
+        await js.stream_info(stream)
+        return False
+    except nats.js.errors.NotFoundError:
+        pass
+    config = StreamConfig(
+        name=stream,
+        subjects=[subject],
+        storage=StorageType.FILE,
+        max_msgs_per_subject=STREAM_MAX_MSGS_PER_SUBJECT,
+        max_age=STREAM_MAX_AGE_S,
+        allow_direct=True,
+    )
+    try:
+        await js.add_stream(config)
+    except nats.js.errors.BadRequestError:
+        return False  # someone else created it in between: theirs stands
+    return True

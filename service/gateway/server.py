@@ -1,0 +1,128 @@
+"""The composition root: builds hub, relay and app, runs them under uvicorn, shuts down well.
+
+Shutdown, in order (SIGTERM or SIGINT):
+ 1. `/ready` turns 503 and new WebSocket handshakes are refused (hub.closing).
+ 2. Every client gets close code 1001, spread over `GATEWAY_DRAIN_S` so they do not all
+    reconnect to the other replicas in the same instant. This has to happen *before*
+    uvicorn's own shutdown, which would close every socket at once with 1012.
+ 3. uvicorn stops listening and finishes; the lifespan ends.
+ 4. The relay stops pulling and drains its NATS connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Generator
+
+import uvicorn
+from litestar import Litestar
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app
+from gateway.hub import SocketBroadcaster
+from gateway.metrics import Metrics
+from gateway.relay import Relay
+from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BANNER_RULE = "=" * 60
+# Bounds uvicorn's wait for handlers after our own drain; a handler only outlives the
+# drain when its client stalls, and then the send timeout ends it.
+GRACEFUL_EXTRA_S = 2.0
+
+
+class Gateway:
+    """One gateway process: metrics, hub, relay and the Litestar app, wired together."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.hub = SocketBroadcaster(self.metrics, settings.send_timeout_s)
+        self.relay = Relay(settings, self.hub, self.metrics)
+        self.app: Litestar = create_app(
+            settings=settings, hub=self.hub, relay=self.relay, metrics=self.metrics
+        )
+        self.server = _Server(self._uvicorn_config(), on_shutdown=self._say_goodbye)
+
+    def _uvicorn_config(self) -> uvicorn.Config:
+        s = self.settings
+        return uvicorn.Config(
+            self.app,
+            host=s.host,
+            port=s.port,
+            ws="websockets-sansio",
+            ws_max_size=s.max_inbound_bytes,  # a larger inbound frame closes with 1009
+            ws_per_message_deflate=False,  # ~50 KiB and CPU per client; frames are small JSON
+            ws_ping_interval=20.0,  # finds half-open connections that never send a close
+            ws_ping_timeout=20.0,
+            timeout_graceful_shutdown=int(s.drain_s + s.send_timeout_s + GRACEFUL_EXTRA_S),
+            lifespan="on",
+            log_config=None,  # logging is configured once, by the CLI
+            access_log=False,
+            server_header=False,
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with GATEWAY_PORT=0); valid once `started` is set."""
+        sockets = self.server.servers[0].sockets if self.server.servers else ()
+        return int(sockets[0].getsockname()[1]) if sockets else self.settings.port
+
+    @property
+    def started(self) -> bool:
+        return self.server.started
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        """Run until told to exit (a signal, or `request_exit`)."""
+        async with self.relay.running():
+            await self.server.serve(sockets)
+
+    def request_exit(self) -> None:
+        """Start the graceful shutdown, as SIGTERM would."""
+        self.server.should_exit = True
+
+    async def _say_goodbye(self) -> None:
+        await self.hub.close(spread_s=self.settings.drain_s)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with our goodbye before its shutdown and a clean exit on signals."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._on_shutdown()
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the captured signal after a graceful shutdown, which makes the
+        # process exit 143/130. A drained gateway has done its job: it exits 0.
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
+def banner(settings: Settings) -> str:
+    """The seed's start banner; the NATS URL is redacted."""
+    host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+    return "\n".join(
+        [
+            BANNER_RULE,
+            "GATEWAY SERVICE",
+            BANNER_RULE,
+            f"  NATS URL: {settings.nats_url_redacted}",
+            f"  WebSocket: ws://{host}:{settings.port}/ws/stream",
+            BANNER_RULE,
+        ]
+    )
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    await Gateway(settings).serve()

@@ -1,0 +1,167 @@
+"""Configuration: one frozen value, built once from an environment mapping.
+
+`Settings.from_env(os.environ)` validates every variable and raises `SettingsError`
+naming the variable on the first bad value; only the CLI turns that into an exit code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+
+NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
+
+T = TypeVar("T", int, float)
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything the gateway reads from its environment, validated."""
+
+    nats_servers: tuple[str, ...] = ("nats://localhost:4222",)
+    """NATS server URLs (`NATS_URL`, comma-separated); credentials allowed, never shown."""
+    host: str = "0.0.0.0"  # noqa: S104 - listening on every interface is the container default
+    """HTTP + WebSocket listen address (`GATEWAY_HOST`)."""
+    port: int = 8000
+    """HTTP + WebSocket listen port (`GATEWAY_PORT`); 0 picks a free port."""
+    stream: str = "LEVEL_SIGNALS"
+    """JetStream stream holding the subject (`GATEWAY_STREAM`)."""
+    subject: str = "levels.signals"
+    """Subject relayed to clients (`GATEWAY_SUBJECT`)."""
+    durable: str = "gateway_levels"
+    """Durable consumer name; empty = an ephemeral consumer per process (`GATEWAY_DURABLE`)."""
+    max_connections: int = 10_000
+    """Clients beyond this are accepted then closed with 1013 (`GATEWAY_MAX_CONNECTIONS`)."""
+    allowed_origins: frozenset[str] = frozenset()
+    """Browser origins allowed to connect; empty = any (`GATEWAY_ALLOWED_ORIGINS`)."""
+    auth_token: str = ""
+    """Shared token clients must present; empty = off (`GATEWAY_AUTH_TOKEN`)."""
+    drain_s: float = 2.0
+    """Shutdown spreads 1001 closes over this many seconds (`GATEWAY_DRAIN_S`)."""
+    send_timeout_s: float = 5.0
+    """A client whose send stalls longer is disconnected (`GATEWAY_SEND_TIMEOUT_S`)."""
+    max_inbound_bytes: int = 65_536
+    """Largest frame a client may send; larger closes it with 1009 (`GATEWAY_MAX_INBOUND_BYTES`)."""
+    max_payload_bytes: int = 1_048_576
+    """Largest NATS message relayed; larger is counted invalid (`GATEWAY_MAX_PAYLOAD_BYTES`)."""
+    log_format: str = "text"
+    """`text` for people, `json` for log shippers (`GATEWAY_LOG_FORMAT`)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping; raise `SettingsError` on a bad value."""
+        return cls(
+            nats_servers=_nats_servers(env.get("NATS_URL", "nats://localhost:4222")),
+            host=_text(env, "GATEWAY_HOST", "0.0.0.0"),  # noqa: S104 - see field
+            port=_number(env, "GATEWAY_PORT", int, 8000, 0, 65_535),
+            stream=_text(env, "GATEWAY_STREAM", "LEVEL_SIGNALS"),
+            subject=_text(env, "GATEWAY_SUBJECT", "levels.signals"),
+            durable=env.get("GATEWAY_DURABLE", "gateway_levels").strip(),
+            max_connections=_number(env, "GATEWAY_MAX_CONNECTIONS", int, 10_000, 1, 10_000_000),
+            allowed_origins=_origins(env.get("GATEWAY_ALLOWED_ORIGINS", "")),
+            auth_token=env.get("GATEWAY_AUTH_TOKEN", "").strip(),
+            drain_s=_number(env, "GATEWAY_DRAIN_S", float, 2.0, 0.0, 300.0),
+            send_timeout_s=_number(env, "GATEWAY_SEND_TIMEOUT_S", float, 5.0, 0.01, 300.0),
+            max_inbound_bytes=_number(env, "GATEWAY_MAX_INBOUND_BYTES", int, 65_536, 1, 16 << 20),
+            max_payload_bytes=_number(env, "GATEWAY_MAX_PAYLOAD_BYTES", int, 1 << 20, 2, 64 << 20),
+            log_format=_choice(env, "GATEWAY_LOG_FORMAT", ("text", "json")),
+        )
+
+    @property
+    def nats_url_redacted(self) -> str:
+        """The NATS server list as it may be printed or served: no passwords, no tokens."""
+        return ",".join(redact_url(url) for url in self.nats_servers)
+
+
+def redact_url(url: str) -> str:
+    """Hide a URL's password or token, keeping a username: `nats://u:***@h:4222`.
+
+    NATS reads a lone userinfo (`nats://s3cret@h`) as a token, so it is hidden too.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user, has_password, _ = userinfo.partition(":")
+    shown = f"{user}:***" if has_password else "***"
+    return parts._replace(netloc=f"{shown}@{hostport}").geturl()
+
+
+def _text(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, default).strip()
+    if not value:
+        raise SettingsError(f"{name} must not be empty")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name, choices[0]).strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _number(
+    env: Mapping[str, str], name: str, kind: Callable[[str], T], default: T, low: T, high: T
+) -> T:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise SettingsError(f"{name} must be {noun}, got {raw!r}") from None
+    if not low <= value <= high:  # NaN fails this test too
+        raise SettingsError(f"{name} must be between {low} and {high}, got {raw!r}")
+    return value
+
+
+def _nats_servers(raw: str) -> tuple[str, ...]:
+    urls = tuple(part.strip() for part in raw.split(",") if part.strip())
+    if not urls:
+        raise SettingsError("NATS_URL must name at least one server")
+    for url in urls:
+        _check_nats_url(url)
+    return urls
+
+
+def _check_nats_url(url: str) -> None:
+    # Error messages show the redacted URL: a typo must not leak a password to the logs.
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError when out of range or not a number
+    except ValueError:
+        raise SettingsError(f"NATS_URL has an invalid port: {shown!r}") from None
+    if parts.scheme not in NATS_SCHEMES:
+        expected = ", ".join(f"{s}://" for s in sorted(NATS_SCHEMES))
+        raise SettingsError(f"NATS_URL must start with one of {expected}: {shown!r}")
+    if not parts.hostname:
+        raise SettingsError(f"NATS_URL has no host: {shown!r}")
+    if port == 0:
+        raise SettingsError(f"NATS_URL has an invalid port: {shown!r}")
+
+
+def _origins(raw: str) -> frozenset[str]:
+    return frozenset(normalize_origin(o) for o in raw.split(",") if o.strip())
+
+
+def normalize_origin(origin: str) -> str:
+    """Canonical `scheme://host[:port]`: lower case, default ports dropped, no trailing slash."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"GATEWAY_ALLOWED_ORIGINS has an invalid origin: {origin.strip()!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise SettingsError(f"GATEWAY_ALLOWED_ORIGINS has an invalid port: {origin!r}") from None
+    default_port = 443 if parts.scheme == "https" else 80
+    suffix = "" if port in (None, default_port) else f":{port}"
+    return f"{parts.scheme}://{parts.hostname.lower()}{suffix}"
