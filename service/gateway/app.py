@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import msgspec
@@ -121,6 +122,12 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
                 await reader
 
+    page = (resources.files("gateway") / "live.html").read_text(encoding="utf-8")
+
+    @get("/", media_type=MediaType.HTML, sync_to_thread=False, include_in_schema=False)
+    def live_view() -> str:
+        return page
+
     @get("/health", media_type=MediaType.JSON, sync_to_thread=False)
     def health() -> Health:
         ok = relay.ready
@@ -145,8 +152,11 @@ def create_app(
     def metrics_endpoint() -> Response[bytes]:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    handlers = [stream, health, ready, metrics_endpoint]
+    if settings.live_view:
+        handlers.append(live_view)
     return Litestar(
-        route_handlers=[stream, health, ready, metrics_endpoint],
+        route_handlers=handlers,
         plugins=list(plugins),
         openapi_config=None,
         logging_config=None,  # the CLI configures logging once, for every library

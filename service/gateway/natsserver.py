@@ -103,6 +103,9 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        finally:
+            if proc.stderr is not None:
+                proc.stderr.close()
 
     def __enter__(self) -> NatsServer:
         return self.start()

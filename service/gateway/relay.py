@@ -174,22 +174,28 @@ class Relay:
     async def _handle(self, msg: Msg) -> None:
         self.metrics.messages_received.inc()
         meta = msg.metadata
-        self._offer(meta.sequence.stream, msg.data, meta.timestamp.timestamp())
+        relayed = self._offer(meta.sequence.stream, msg.data, meta.timestamp.timestamp())
         await msg.ack()
+        if relayed:
+            # Let every woken writer run before the next message of the batch: a client
+            # whose socket takes the frame at once gets every frame; only one that is
+            # still busy sending has it replaced (conflation).
+            await asyncio.sleep(0)
 
-    def _offer(self, seq: int, data: bytes, published_at: float) -> None:
+    def _offer(self, seq: int, data: bytes, published_at: float) -> bool:
         """Relay the message if it is newer than the current state and valid."""
         if seq <= self._floor:
-            return
+            return False
         self._floor = seq
         try:
             text = validate(data, self.settings.max_payload_bytes)
         except InvalidPayload as exc:
             self.metrics.messages_invalid.inc()
             log.warning("message seq=%d on %s rejected: %s", seq, self.settings.subject, exc)
-            return
+            return False
         self.hub.broadcast(Frame(text, seq, published_at))
         self.metrics.last_message_timestamp.set(published_at)
+        return True
 
     async def _close(self) -> None:
         self._closing = True
@@ -199,9 +205,9 @@ class Relay:
         try:
             if nc.is_connected:
                 await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT_S)
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             log.warning("NATS drain incomplete: %s", exc)
-        finally:
+        with contextlib.suppress(nats.errors.Error, OSError):  # NATS may be gone already
             await nc.close()
         self.metrics.nats_connected.set(0)
 

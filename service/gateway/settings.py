@@ -52,6 +52,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Largest NATS message relayed; larger is counted invalid (`GATEWAY_MAX_PAYLOAD_BYTES`)."""
     log_format: str = "text"
     """`text` for people, `json` for log shippers (`GATEWAY_LOG_FORMAT`)."""
+    live_view: bool = True
+    """Serve the live view page at `/` (`GATEWAY_LIVE_VIEW`, 0 turns it off)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -71,6 +73,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_inbound_bytes=_number(env, "GATEWAY_MAX_INBOUND_BYTES", int, 65_536, 1, 16 << 20),
             max_payload_bytes=_number(env, "GATEWAY_MAX_PAYLOAD_BYTES", int, 1 << 20, 2, 64 << 20),
             log_format=_choice(env, "GATEWAY_LOG_FORMAT", ("text", "json")),
+            live_view=_flag(env, "GATEWAY_LIVE_VIEW", default=True),
         )
 
     @property
@@ -105,6 +108,17 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
 
 
 def _number(

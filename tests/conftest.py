@@ -1,0 +1,193 @@
+"""Shared fixtures: real nats-server processes, real gateways on real sockets.
+
+Time in tests is events and deadlines: `wait_until` polls a condition until a deadline
+scaled by GATEWAY_TEST_TIMEOUT_FACTOR (raise it on a slow CI machine). Nothing sleeps
+to synchronise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+
+from gateway.natsserver import NatsServer
+from gateway.server import Gateway
+from gateway.settings import Settings
+
+TIMEOUT_FACTOR = float(os.environ.get("GATEWAY_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def seconds(n: float) -> float:
+    """A test deadline of `n` seconds, scaled for slow machines."""
+    return n * TIMEOUT_FACTOR
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
+) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` (scaled) seconds."""
+    deadline = time.monotonic() + seconds(timeout)
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds(timeout):.1f}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh nats-server with JetStream in a temp dir, on a free loopback port."""
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+def make_settings(nats_url: str, **overrides: object) -> Settings:
+    """Settings for a test gateway on a free loopback port."""
+    base = Settings(nats_servers=(nats_url,), host="127.0.0.1", port=0, drain_s=0.0)
+    return msgspec.structs.replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    settings: Settings, registry: CollectorRegistry | None = None
+) -> AsyncIterator[Gateway]:
+    """Serve a gateway in this event loop; on exit shut it down as SIGTERM would."""
+    gateway = Gateway(settings, registry)
+    task = asyncio.create_task(gateway.serve())
+    try:
+        await wait_until(lambda: gateway.started or task.done(), what="the gateway to start")
+        if task.done():
+            task.result()  # raise what stopped it
+        yield gateway
+    finally:
+        gateway.request_exit()
+        await asyncio.wait_for(task, seconds(20))
+
+
+def ws_url(gateway: Gateway, path: str = "/ws/stream") -> str:
+    return f"ws://127.0.0.1:{gateway.port}{path}"
+
+
+def http_url(gateway: Gateway, path: str) -> str:
+    return f"http://127.0.0.1:{gateway.port}{path}"
+
+
+@contextlib.asynccontextmanager
+async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+    """A NATS connection for the test itself (publishing, inspecting)."""
+    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+async def publish_json(js: JetStreamContext, doc: Mapping[str, object], **kw: object) -> int:
+    """Publish `doc` on levels.signals; return its stream sequence."""
+    ack = await js.publish("levels.signals", msgspec.json.encode(doc), **kw)  # type: ignore[arg-type]
+    return int(ack.seq)
+
+
+class GatewayProcess:
+    """`python -m gateway` as a child process; its port is read back from its log."""
+
+    _LISTENING = re.compile(r"Uvicorn running on http://[^:]+:(\d+)")
+
+    def __init__(self, env: Mapping[str, str], args: tuple[str, ...] = ()) -> None:
+        full_env = {**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": "0", **env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: deque[str] = deque(maxlen=2000)
+        self.port: int | None = None
+        self._started = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            if (match := self._LISTENING.search(line)) is not None:
+                self.port = int(match.group(1))
+                self._started.set()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_started(self, timeout: float = 15.0) -> int:
+        if not self._started.wait(seconds(timeout)):
+            raise AssertionError(f"gateway did not start:\n{self.output}")
+        assert self.port is not None
+        return self.port
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(seconds(timeout))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def gateway_process() -> Iterator[Callable[..., GatewayProcess]]:
+    """Factory for gateway child processes; all are killed at teardown."""
+    started: list[GatewayProcess] = []
+
+    def start(env: Mapping[str, str], args: tuple[str, ...] = ()) -> GatewayProcess:
+        proc = GatewayProcess(env, args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def stalled_client(port: int, path: str = "/ws/stream") -> socket.socket:
+    """A client that completes the WebSocket handshake and then never reads a byte.
+
+    A tiny receive buffer makes the server's writes back up within a few frames.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    return sock
