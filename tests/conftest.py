@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import os
 import re
 import socket
@@ -18,13 +19,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 
 import msgspec
 import nats
 import pytest
 from nats.js import JetStreamContext
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from gateway.natsserver import NatsServer
@@ -40,13 +42,14 @@ def seconds(n: float) -> float:
 
 
 async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = ""
 ) -> None:
-    """Poll `predicate` until it is true; fail the test after `timeout` (scaled) seconds."""
+    """Poll `predicate` until it is truthy (awaited if it returns an awaitable); fail the
+    test after `timeout` (scaled) seconds."""
     deadline = time.monotonic() + seconds(timeout)
     while True:
         result = predicate()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return
@@ -75,10 +78,12 @@ def make_settings(nats_url: str, **overrides: object) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    settings: Settings, registry: CollectorRegistry | None = None
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> AsyncIterator[Gateway]:
     """Serve a gateway in this event loop; on exit shut it down as SIGTERM would."""
-    gateway = Gateway(settings, registry)
+    gateway = Gateway(settings, registry, tracer_provider)
     task = asyncio.create_task(gateway.serve())
     try:
         await wait_until(lambda: gateway.started or task.done(), what="the gateway to start")

@@ -125,8 +125,9 @@ def create_app(
     page = (resources.files("gateway") / "live.html").read_text(encoding="utf-8")
 
     @get("/", media_type=MediaType.HTML, sync_to_thread=False, include_in_schema=False)
-    def live_view() -> str:
-        return page
+    def live_view() -> Response[str]:
+        # no-cache: after an upgrade, browsers revalidate and get the new page
+        return Response(page, media_type=MediaType.HTML, headers={"Cache-Control": "no-cache"})
 
     @get("/health", media_type=MediaType.JSON, sync_to_thread=False)
     def health() -> Health:

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
-from gateway import logs
+from gateway import logs, tracing
 from gateway.settings import Settings, SettingsError
 
 EXIT_CONFIG = 2
@@ -35,9 +35,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    env = os.environ if env is None else env
+    service = "gateway-publisher" if args.command == "publish" else "gateway"
     try:
-        settings = Settings.from_env(os.environ if env is None else env)
-    except SettingsError as exc:
+        settings = Settings.from_env(env)
+        tracer_provider = tracing.provider_from_env(env, default_service=service)
+    except (SettingsError, tracing.TracingConfigError) as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure(settings.log_format)
@@ -45,7 +48,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         from gateway import demo
 
         with contextlib.suppress(KeyboardInterrupt):
-            demo.run(settings)
+            demo.run(settings, tracer_provider)
     elif args.command == "publish":
         from gateway.publisher import publish
 
@@ -59,12 +62,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             rate_hz=args.rate,
             size=args.size,
             count=args.count,
+            tracer_provider=tracer_provider,
         )
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(coro)
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # flushes the batched spans
     else:
         from gateway.server import banner, run
 
         print(banner(settings), flush=True)
-        asyncio.run(run(settings))
+        asyncio.run(run(settings, tracer_provider))
     return 0

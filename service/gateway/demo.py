@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import msgspec
+from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.natsserver import NatsServer
 from gateway.publisher import publish
@@ -22,7 +23,7 @@ from gateway.settings import Settings
 DEMO_RATE_HZ = 4.0
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
     """Run the demo until Ctrl-C."""
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as tmp, NatsServer(Path(tmp)) as nats:
         settings = msgspec.structs.replace(settings, nats_servers=(nats.url,))
@@ -32,10 +33,11 @@ def run(settings: Settings) -> None:
         )
         print(f"  watch: uv run python -m websockets ws://localhost:{settings.port}/ws/stream")
         print(f"  health: curl localhost:{settings.port}/health    Ctrl-C stops everything")
-        asyncio.run(_serve(settings))
+        print(f"  live view: http://localhost:{settings.port}/")
+        asyncio.run(_serve(settings, tracer_provider))
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, tracer_provider: TracerProvider | None) -> None:
     publisher = asyncio.create_task(
         publish(
             settings.nats_servers,
@@ -45,7 +47,7 @@ async def _serve(settings: Settings) -> None:
         )
     )
     try:
-        await Gateway(settings).serve()
+        await Gateway(settings, tracer_provider=tracer_provider).serve()
     finally:
         publisher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -103,8 +103,11 @@ class SocketBroadcaster:
         if not self.active_connections:
             self._empty.set()
 
-    def broadcast(self, frame: Frame) -> None:
-        """Cache `frame` and put it in every client's mailbox. Never awaits a socket."""
+    def broadcast(self, frame: Frame) -> int:
+        """Cache `frame`, put it in every client's mailbox; return how many it replaced.
+
+        Never awaits a socket.
+        """
         started = time.perf_counter()
         self.latest = frame
         conflated = 0
@@ -113,6 +116,7 @@ class SocketBroadcaster:
         if conflated:
             self.metrics.messages_conflated.inc(conflated)
         self.metrics.broadcast_duration.observe(time.perf_counter() - started)
+        return conflated
 
     async def serve(self, client: Client) -> None:
         """Write `client`'s frames until it is closed or fails; the caller disconnects it."""

@@ -16,7 +16,10 @@ from typing import Any
 
 import msgspec
 import nats
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 
+from gateway import tracing
 from gateway.relay import ensure_stream
 
 log = logging.getLogger(__name__)
@@ -60,11 +63,25 @@ async def publish(
     rate_hz: float = 4.0,
     size: int = 0,
     count: int | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> int:
-    """Publish at `rate_hz` until `count` messages (None = until cancelled); return how many."""
+    """Publish at `rate_hz` until `count` messages (None = until cancelled); return how many.
+
+    With a tracer provider each message is sent inside a PRODUCER span whose context
+    travels in the message headers (`traceparent`), so the gateway continues the trace.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        log.debug("NATS error: %s: %s", type(exc).__name__, exc)
+
     nc = await nats.connect(
-        servers=list(servers), name="gateway-publisher", max_reconnect_attempts=-1
+        servers=list(servers),
+        name="gateway-publisher",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        error_cb=on_error,
     )
+    tracer = tracer_provider.get_tracer("gateway.publisher") if tracer_provider else None
     try:
         js = nc.jetstream()
         await ensure_stream(js, stream, subject)
@@ -73,8 +90,25 @@ async def publish(
         sent = 0
         while count is None or sent < count:
             sent += 1
+            payload = make_payload(sent, time.time(), size)
             try:
-                await js.publish(subject, make_payload(sent, time.time(), size), timeout=2.0)
+                if tracer is None:
+                    await js.publish(subject, payload, timeout=2.0)
+                else:
+                    with tracer.start_as_current_span(
+                        f"send {subject}",
+                        kind=trace.SpanKind.PRODUCER,
+                        attributes={
+                            "messaging.system": "nats",
+                            "messaging.operation.name": "send",
+                            "messaging.operation.type": "send",
+                            "messaging.destination.name": subject,
+                            "messaging.message.body.size": len(payload),
+                        },
+                    ):
+                        headers: dict[str, str] = {}
+                        tracing.inject(headers)
+                        await js.publish(subject, payload, timeout=2.0, headers=headers)
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("publish %d failed: %s", sent, exc)
             next_at += interval

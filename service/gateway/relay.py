@@ -6,9 +6,10 @@ cache with the newest message on the subject, then pulls in batches. Every messa
 acknowledged; only valid ones newer than the current state reach the hub.
 
 Sequence floor: the relay remembers the stream sequence of the state it last offered.
-A message at or below it (a resume backlog after a restart, a redelivery) is acked and
-skipped, so clients never get a burst of stale frames; every newer message is relayed in
-order. The floor resets whenever the consumer is (re)bound.
+A message at or below it (a resume backlog after a restart, a redelivery, the newest
+message seen again when rebinding) is acked and skipped, so clients never get a burst of
+stale or repeated frames; every newer message is relayed in order. The floor resets only
+when the stream itself was reset (its last sequence went below the floor).
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from opentelemetry import trace
+from opentelemetry.trace import StatusCode
 
+from gateway import tracing
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame, InvalidPayload, validate
@@ -47,10 +51,18 @@ DRAIN_TIMEOUT_S = 3.0
 class Relay:
     """Consumes the subject from JetStream and feeds the hub; reports its own state."""
 
-    def __init__(self, settings: Settings, hub: SocketBroadcaster, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        hub: SocketBroadcaster,
+        metrics: Metrics,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self.settings = settings
         self.hub = hub
         self.metrics = metrics
+        self.tracer = tracer
+        """None when tracing is off: then no tracing call is made at all."""
         self.subscribed = False
         """True while the consumer is bound and known to exist."""
         self.consumer_lag: int | None = None
@@ -123,7 +135,6 @@ class Relay:
             ),
         )
         try:
-            self._floor = 0
             await self._prime(js)
             self.subscribed = True
             log.info(
@@ -151,6 +162,12 @@ class Relay:
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         if await ensure_stream(js, self.settings.stream, self.settings.subject):
             log.info("created stream %s for %s", self.settings.stream, self.settings.subject)
+        # A stream that was deleted and recreated (or lost with a server's data) numbers
+        # its messages from 1 again: then the floor from the old stream must go.
+        info = await js.stream_info(self.settings.stream)
+        if info.state.last_seq < self._floor:
+            log.warning("stream %s was reset; following its new sequence", self.settings.stream)
+            self._floor = 0
 
     async def _prime(self, js: JetStreamContext) -> None:
         """Offer the newest message on the subject, so new clients get state at once."""
@@ -174,7 +191,12 @@ class Relay:
     async def _handle(self, msg: Msg) -> None:
         self.metrics.messages_received.inc()
         meta = msg.metadata
-        relayed = self._offer(meta.sequence.stream, msg.data, meta.timestamp.timestamp())
+        seq, published_at = meta.sequence.stream, meta.timestamp.timestamp()
+        if self.tracer is None:
+            relayed = self._offer(seq, msg.data, published_at)
+        else:
+            with self._consumer_span(self.tracer, msg, seq):
+                relayed = self._offer(seq, msg.data, published_at)
         await msg.ack()
         if relayed:
             # Let every woken writer run before the next message of the batch: a client
@@ -192,10 +214,45 @@ class Relay:
         except InvalidPayload as exc:
             self.metrics.messages_invalid.inc()
             log.warning("message seq=%d on %s rejected: %s", seq, self.settings.subject, exc)
+            span = trace.get_current_span()  # the consumer span, or a no-op when tracing is off
+            span.set_status(StatusCode.ERROR, str(exc))
+            span.set_attribute("error.type", "invalid_payload")
             return False
-        self.hub.broadcast(Frame(text, seq, published_at))
+        frame = Frame(text, seq, published_at)
+        if self.tracer is None:
+            self.hub.broadcast(frame)
+        else:
+            clients = len(self.hub.active_connections)
+            with self.tracer.start_as_current_span(
+                f"fanout {self.settings.subject}", attributes={"gateway.fanout.clients": clients}
+            ) as span:
+                span.set_attribute("gateway.fanout.conflated", self.hub.broadcast(frame))
         self.metrics.last_message_timestamp.set(published_at)
         return True
+
+    def _consumer_span(
+        self, tracer: trace.Tracer, msg: Msg, seq: int
+    ) -> contextlib.AbstractContextManager[trace.Span]:
+        """A CONSUMER span continuing the publisher's trace (messaging semantic conventions)."""
+        parent = tracing.extract(msg.headers)
+        producer = trace.get_current_span(parent).get_span_context()
+        attributes: dict[str, str | int] = {
+            "messaging.system": "nats",
+            "messaging.operation.name": "process",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": self.settings.subject,
+            "messaging.message.id": str(seq),
+            "messaging.message.body.size": len(msg.data),
+        }
+        if self.settings.durable:
+            attributes["messaging.consumer.group.name"] = self.settings.durable
+        return tracer.start_as_current_span(
+            f"process {self.settings.subject}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            links=[trace.Link(producer)] if producer.is_valid else None,
+            attributes=attributes,
+        )
 
     async def _close(self) -> None:
         self._closing = True

@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Generator
 
 import uvicorn
 from litestar import Litestar
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
@@ -37,13 +39,24 @@ GRACEFUL_EXTRA_S = 2.0
 class Gateway:
     """One gateway process: metrics, hub, relay and the Litestar app, wired together."""
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: CollectorRegistry | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.settings = settings
+        self.tracer_provider = tracer_provider
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
         self.hub = SocketBroadcaster(self.metrics, settings.send_timeout_s)
-        self.relay = Relay(settings, self.hub, self.metrics)
+        tracer = tracer_provider.get_tracer("gateway") if tracer_provider else None
+        self.relay = Relay(settings, self.hub, self.metrics, tracer)
         self.app: Litestar = create_app(
-            settings=settings, hub=self.hub, relay=self.relay, metrics=self.metrics
+            settings=settings,
+            hub=self.hub,
+            relay=self.relay,
+            metrics=self.metrics,
+            plugins=_http_tracing(tracer_provider),
         )
         self.server = _Server(self._uvicorn_config(), on_shutdown=self._say_goodbye)
 
@@ -77,8 +90,12 @@ class Gateway:
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         """Run until told to exit (a signal, or `request_exit`)."""
-        async with self.relay.running():
-            await self.server.serve(sockets)
+        try:
+            async with self.relay.running():
+                await self.server.serve(sockets)
+        finally:
+            if self.tracer_provider is not None:
+                self.tracer_provider.shutdown()  # flushes the spans still batched
 
     def request_exit(self) -> None:
         """Start the graceful shutdown, as SIGTERM would."""
@@ -108,6 +125,22 @@ class _Server(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def _http_tracing(provider: TracerProvider | None) -> list[OpenTelemetryPlugin]:
+    """Litestar's own OpenTelemetry plugin: one span per HTTP request or WS handshake.
+
+    No span per WebSocket frame sent or received (that would be clients times messages), and
+    none for the endpoints that scrapers and probes hit every few seconds.
+    """
+    if provider is None:
+        return []
+    config = OpenTelemetryConfig(
+        tracer_provider=provider,
+        exclude_spans=["send", "receive"],
+        exclude=["/metrics", "/health", "/ready"],
+    )
+    return [OpenTelemetryPlugin(config)]
+
+
 def banner(settings: Settings) -> str:
     """The seed's start banner; the NATS URL is redacted."""
     host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
@@ -123,6 +156,6 @@ def banner(settings: Settings) -> str:
     )
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, tracer_provider: TracerProvider | None = None) -> None:
     """Serve until SIGTERM/SIGINT."""
-    await Gateway(settings).serve()
+    await Gateway(settings, tracer_provider=tracer_provider).serve()

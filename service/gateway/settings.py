@@ -85,15 +85,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 def redact_url(url: str) -> str:
     """Hide a URL's password or token, keeping a username: `nats://u:***@h:4222`.
 
-    NATS reads a lone userinfo (`nats://s3cret@h`) as a token, so it is hidden too.
+    NATS reads a lone userinfo (`nats://s3cret@h`) as a token, so it is hidden too. Works on
+    the raw text, not a parsed URL: a password with an unencoded `/`, `?` or `#` would end
+    a parser's host part early and escape redaction.
     """
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
+    userinfo, _, hostport = rest.rpartition("@")
     user, has_password, _ = userinfo.partition(":")
     shown = f"{user}:***" if has_password else "***"
-    return parts._replace(netloc=f"{shown}@{hostport}").geturl()
+    return f"{scheme}://{shown}@{hostport}"
 
 
 def _text(env: Mapping[str, str], name: str, default: str) -> str:
@@ -151,6 +153,9 @@ def _check_nats_url(url: str) -> None:
     shown = redact_url(url)
     try:
         parts = urlsplit(url)
+    except ValueError:
+        raise SettingsError(f"NATS_URL is not a valid URL: {shown!r}") from None
+    try:
         port = parts.port  # raises ValueError when out of range or not a number
     except ValueError:
         raise SettingsError(f"NATS_URL has an invalid port: {shown!r}") from None
@@ -161,6 +166,11 @@ def _check_nats_url(url: str) -> None:
         raise SettingsError(f"NATS_URL has no host: {shown!r}")
     if port == 0:
         raise SettingsError(f"NATS_URL has an invalid port: {shown!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise SettingsError(
+            f"NATS_URL must be scheme://[user:password@]host[:port] "
+            f"(percent-encode / ? # in a password): {shown!r}"
+        )
 
 
 def _origins(raw: str) -> frozenset[str]:
@@ -168,14 +178,26 @@ def _origins(raw: str) -> frozenset[str]:
 
 
 def normalize_origin(origin: str) -> str:
-    """Canonical `scheme://host[:port]`: lower case, default ports dropped, no trailing slash."""
-    parts = urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SettingsError(f"GATEWAY_ALLOWED_ORIGINS has an invalid origin: {origin.strip()!r}")
+    """Canonical `scheme://host[:port]`: lower case, default ports dropped, no trailing slash.
+
+    Raises SettingsError for anything that is not exactly an origin (userinfo, a path, a
+    query): an allow-list entry must be unambiguous, and browsers never send those parts.
+    """
+    text = origin.strip()
     try:
+        parts = urlsplit(text)
         port = parts.port
     except ValueError:
-        raise SettingsError(f"GATEWAY_ALLOWED_ORIGINS has an invalid port: {origin!r}") from None
+        raise SettingsError(f"GATEWAY_ALLOWED_ORIGINS has an invalid origin: {text!r}") from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise SettingsError(f"GATEWAY_ALLOWED_ORIGINS has an invalid origin: {text!r}")
     default_port = 443 if parts.scheme == "https" else 80
     suffix = "" if port in (None, default_port) else f":{port}"
     return f"{parts.scheme}://{parts.hostname.lower()}{suffix}"

@@ -1,0 +1,94 @@
+"""OpenTelemetry: a TracerProvider from the standard `OTEL_*` variables, and the NATS glue.
+
+Tracing is off unless asked for (`OTEL_TRACES_EXPORTER=otlp|console`, or an
+`OTEL_EXPORTER_OTLP_ENDPOINT`), and off means no provider at all: the relay then skips
+every tracing call, so the default costs nothing. `OTEL_SDK_DISABLED=true` wins over all.
+
+Across NATS the W3C trace context travels in message headers (`traceparent`), injected by
+the publisher and extracted by the relay, so one trace runs publisher → gateway consumer
+span → fan-out span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+
+from opentelemetry import propagate
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+EXPORTERS = ("otlp", "console", "none")
+
+
+class TracingConfigError(ValueError):
+    """An `OTEL_*` value the gateway cannot honour; the message names the variable."""
+
+
+def provider_from_env(env: Mapping[str, str], default_service: str) -> TracerProvider | None:
+    """A TracerProvider configured from `OTEL_*`, or None when tracing is off."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return None
+    names = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not names:
+        names = "otlp" if _otlp_endpoint_set(env) else "none"
+    exporters: list[SpanExporter] = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name not in EXPORTERS:
+            raise TracingConfigError(
+                f"OTEL_TRACES_EXPORTER must be among {EXPORTERS}, got {name!r}"
+            )
+        if name == "console":
+            exporters.append(ConsoleSpanExporter())
+        elif name == "otlp":
+            exporters.append(_otlp_exporter())
+    if not exporters:
+        return None
+    # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES itself.
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or default_service})
+    provider = TracerProvider(resource=resource)
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def _otlp_endpoint_set(env: Mapping[str, str]) -> bool:
+    return bool(
+        env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def _otlp_exporter() -> SpanExporter:
+    # HTTP/protobuf: a fraction of gRPC's weight; the endpoint and headers come from env.
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()
+
+
+class _HeaderGetter(Getter[Mapping[str, str]]):
+    """Reads trace headers from NATS message headers, case-insensitively (may be None)."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        if value is None:
+            lowered = key.lower()
+            value = next((v for k, v in carrier.items() if k.lower() == lowered), None)
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier)
+
+
+HEADER_GETTER = _HeaderGetter()
+
+
+def extract(headers: Mapping[str, str] | None) -> Context:
+    """The trace context carried by NATS message headers (an empty context if none)."""
+    return propagate.extract(headers or {}, getter=HEADER_GETTER)
+
+
+def inject(headers: MutableMapping[str, str]) -> None:
+    """Write the current trace context into NATS message headers."""
+    propagate.inject(headers)

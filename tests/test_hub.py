@@ -1,0 +1,329 @@
+"""The hub: fan-out into one-slot mailboxes, per-client writers, conflation, timeouts, drain.
+
+The sockets are a fake we own (`FakeSink`); the hub, its metrics and the event loop are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.hub import WS_1001_GOING_AWAY, Client, SocketBroadcaster
+from gateway.metrics import Metrics
+from gateway.payload import Frame
+
+from conftest import seconds, wait_until
+
+pytestmark = pytest.mark.anyio
+
+LONG = 30.0  # a send timeout no test should reach unless it means to
+
+
+class FakeSink:
+    """A socket that records what it is sent and can stall or fail on demand."""
+
+    def __init__(
+        self,
+        *,
+        stall_sends: bool = False,
+        stall_close: bool = False,
+        fail: BaseException | None = None,
+    ) -> None:
+        self.frames: list[str] = []
+        """Texts whose send completed."""
+        self.attempts: list[str] = []
+        """Texts whose send started (completed or not)."""
+        self.closes: list[tuple[int, float]] = []
+        """(code, loop time) of every close frame sent."""
+        self.release = asyncio.Event()
+        """While clear, sends stall; set it to let them through."""
+        if not stall_sends:
+            self.release.set()
+        self.stall_close = stall_close
+        self.fail = fail
+
+    async def send_text(self, text: str) -> None:
+        self.attempts.append(text)
+        if self.fail is not None:
+            raise self.fail
+        await self.release.wait()
+        self.frames.append(text)
+
+    async def close(self, code: int) -> None:
+        self.closes.append((code, asyncio.get_running_loop().time()))
+        if self.stall_close:
+            await asyncio.Event().wait()  # never set: the peer stopped reading
+
+
+class Harness:
+    """A hub on a fresh registry, serving clients the way the app's handler does."""
+
+    def __init__(self, send_timeout_s: float, clock: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self.hub = SocketBroadcaster(Metrics(self.registry, process=False), send_timeout_s, clock)
+        self.writers: dict[Client, asyncio.Task[None]] = {}
+
+    def attach(self, sink: FakeSink) -> Client:
+        """Connect `sink` and run its writer; disconnect it when the writer ends."""
+        client = self.hub.connect(sink)
+
+        async def handler() -> None:
+            try:
+                await self.hub.serve(client)
+            finally:
+                self.hub.disconnect(client)
+
+        self.writers[client] = asyncio.create_task(handler())
+        return client
+
+    def sample(self, name: str) -> float:
+        value = self.registry.get_sample_value(name)
+        return 0.0 if value is None else value
+
+    async def writer_ended(self, client: Client, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(asyncio.shield(self.writers[client]), seconds(timeout))
+
+
+@contextlib.asynccontextmanager
+async def hub_under_test(
+    send_timeout_s: float = LONG, clock: Callable[[], float] = lambda: 0.0
+) -> AsyncIterator[Harness]:
+    harness = Harness(send_timeout_s, clock)
+    try:
+        yield harness
+    finally:
+        for task in harness.writers.values():
+            task.cancel()
+        await asyncio.gather(*harness.writers.values(), return_exceptions=True)
+
+
+def frame(n: int, published_at: float = 0.0) -> Frame:
+    return Frame(f'{{"n":{n}}}', n, published_at)
+
+
+async def test_new_client_gets_cached_frame_first() -> None:
+    """A client connecting after broadcasts gets the newest cached frame first, then later ones."""
+    async with hub_under_test() as h:
+        h.hub.broadcast(frame(1))
+        h.hub.broadcast(frame(2))
+        sink = FakeSink()
+        h.attach(sink)
+        await wait_until(lambda: sink.frames == [frame(2).text], what="the cached frame")
+        h.hub.broadcast(frame(3))
+        await wait_until(lambda: len(sink.frames) == 2, what="the next frame")
+        assert sink.frames == [frame(2).text, frame(3).text]
+        assert h.hub.latest_payload == frame(3).text
+
+
+async def test_client_that_keeps_up_gets_every_frame_in_order() -> None:
+    """A client whose sends complete receives every broadcast frame, in order, counted as sent."""
+    async with hub_under_test() as h:
+        sink = FakeSink()
+        h.attach(sink)
+        for n in range(10):
+            h.hub.broadcast(frame(n))
+            await wait_until(lambda n=n: len(sink.frames) == n + 1, what=f"frame {n}")
+        assert sink.frames == [frame(n).text for n in range(10)]
+        assert h.sample("gateway_messages_sent_total") == 10
+        assert h.sample("gateway_messages_conflated_total") == 0
+
+
+async def test_every_client_is_handed_the_same_text_object() -> None:
+    """The frame's text is sent as is to every client: decoded once, never copied per client."""
+    async with hub_under_test() as h:
+        sinks = [FakeSink() for _ in range(3)]
+        for sink in sinks:
+            h.attach(sink)
+        sent = frame(1)
+        h.hub.broadcast(sent)
+        await wait_until(lambda: all(s.frames for s in sinks), what="every client")
+        assert all(s.frames[0] is sent.text for s in sinks)
+
+
+async def test_broadcast_is_synchronous_and_not_delayed_by_a_blocked_client() -> None:
+    """Broadcast is a plain call; a client stuck in a send never delays it or the others."""
+    assert not inspect.iscoroutinefunction(SocketBroadcaster.broadcast)
+    async with hub_under_test() as h:
+        blocked, healthy = FakeSink(stall_sends=True), FakeSink()
+        h.attach(blocked)
+        h.attach(healthy)
+        for n in range(20):
+            assert not inspect.isawaitable(h.hub.broadcast(frame(n))), "nothing to await"
+            await wait_until(lambda n=n: len(healthy.frames) == n + 1, what=f"frame {n}")
+        assert healthy.frames == [frame(n).text for n in range(20)]
+        assert blocked.attempts == [frame(0).text], "still stuck in its first send"
+        assert h.sample("gateway_broadcast_duration_seconds_count") == 20
+
+
+async def test_slow_client_gets_newest_frame_only() -> None:
+    """A client busy sending skips to the newest frame; the skipped ones are counted."""
+    async with hub_under_test() as h:
+        slow, fast = FakeSink(stall_sends=True), FakeSink()
+        h.attach(slow)
+        h.attach(fast)
+        h.hub.broadcast(frame(1))
+        await wait_until(lambda: slow.attempts == [frame(1).text], what="the slow send to start")
+        for n in (2, 3, 4):
+            h.hub.broadcast(frame(n))
+            await wait_until(lambda n=n: fast.frames[-1:] == [frame(n).text], what=f"fast {n}")
+        # The slow mailbox took 2, then 3 replaced 2 and 4 replaced 3.
+        assert h.sample("gateway_messages_conflated_total") == 2
+        slow.release.set()
+        await wait_until(lambda: len(slow.frames) == 2, what="the slow client to catch up")
+        assert slow.frames == [frame(1).text, frame(4).text]
+        assert fast.frames == [frame(n).text for n in (1, 2, 3, 4)], "the fast one skipped none"
+        assert h.sample("gateway_messages_sent_total") == 6
+
+
+async def test_stalled_send_is_dropped_after_send_timeout() -> None:
+    """A send that stalls past the send timeout ends that client's writer and counts a failure."""
+    timeout = 0.2
+    async with hub_under_test(send_timeout_s=timeout) as h:
+        stalled, healthy = FakeSink(stall_sends=True), FakeSink()
+        stalled_client = h.attach(stalled)
+        h.attach(healthy)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        h.hub.broadcast(frame(1))
+        await h.writer_ended(stalled_client)
+        elapsed = loop.time() - started
+        assert elapsed >= timeout * 0.9, "not dropped before the timeout"
+        assert elapsed < seconds(timeout + 2.0), "dropped soon after it"
+        assert h.sample("gateway_send_failures_total") == 1
+        assert stalled_client not in h.hub.active_connections
+        assert h.sample("gateway_connections_active") == 1
+        h.hub.broadcast(frame(2))
+        await wait_until(lambda: len(healthy.frames) == 2, what="the healthy client")
+        assert stalled.frames == []
+
+
+async def test_connection_reset_ends_only_that_client() -> None:
+    """A sink raising ConnectionResetError ends its writer, counts a failure, spares the rest."""
+    async with hub_under_test() as h:
+        gone, healthy = FakeSink(fail=ConnectionResetError()), FakeSink()
+        gone_client = h.attach(gone)
+        h.attach(healthy)
+        h.hub.broadcast(frame(1))
+        await h.writer_ended(gone_client)
+        assert h.sample("gateway_send_failures_total") == 1
+        assert gone_client not in h.hub.active_connections
+        h.hub.broadcast(frame(2))
+        await wait_until(lambda: len(healthy.frames) == 2, what="the healthy client")
+        assert h.sample("gateway_messages_sent_total") == 2
+
+
+async def test_peer_gone_ends_writer_without_close_frame() -> None:
+    """request_close(None) (the peer already left) ends the writer with no close frame sent."""
+    async with hub_under_test() as h:
+        sink = FakeSink()
+        client = h.attach(sink)
+        client.request_close(None)
+        await h.writer_ended(client)
+        assert sink.closes == []
+        assert h.hub.active_connections == set()
+
+
+async def test_sent_frame_observes_delivery_lag_from_publish_time() -> None:
+    """Delivery lag is the injected clock at send minus the frame's publish time."""
+    async with hub_under_test(clock=lambda: 1000.5) as h:
+        sink = FakeSink()
+        h.attach(sink)
+        h.hub.broadcast(frame(1, published_at=1000.0))
+        await wait_until(lambda: sink.frames != [], what="the frame")
+        await wait_until(
+            lambda: h.sample("gateway_delivery_lag_seconds_count") == 1, what="the observation"
+        )
+        assert h.sample("gateway_delivery_lag_seconds_sum") == pytest.approx(0.5)
+
+
+async def test_disconnect_is_idempotent() -> None:
+    """Disconnecting a client twice is harmless and leaves the gauge at the true count."""
+    async with hub_under_test() as h:
+        first = h.hub.connect(FakeSink())
+        h.hub.connect(FakeSink())
+        assert h.sample("gateway_connections_active") == 2
+        h.hub.disconnect(first)
+        h.hub.disconnect(first)
+        assert len(h.hub.active_connections) == 1
+        assert h.sample("gateway_connections_active") == 1
+        assert h.sample("gateway_connections_total") == 2
+
+
+async def test_close_sends_going_away_to_every_client_and_refuses_afterwards() -> None:
+    """close() sends 1001 once to each client, waits for all to go, and marks the hub closing."""
+    async with hub_under_test() as h:
+        sinks = [FakeSink() for _ in range(5)]
+        for sink in sinks:
+            h.attach(sink)
+        assert h.hub.closing is False
+        await asyncio.wait_for(h.hub.close(code=WS_1001_GOING_AWAY, spread_s=0.0), seconds(5))
+        assert [[code for code, _ in s.closes] for s in sinks] == [[1001]] * 5
+        assert h.hub.active_connections == set()
+        assert h.sample("gateway_connections_active") == 0
+        assert h.hub.closing is True
+        assert all(task.done() for task in h.writers.values())
+
+
+async def test_close_without_clients_returns_at_once_and_marks_closing() -> None:
+    """With nobody connected, close() returns immediately and the hub is closing."""
+    async with hub_under_test() as h:
+        await asyncio.wait_for(h.hub.close(spread_s=10.0), seconds(1))
+        assert h.hub.closing is True
+
+
+@pytest.mark.parametrize("spread", [0.5, 1.0])
+async def test_close_spreads_closes_over_drain_time(spread: float) -> None:
+    """With spread_s, the first and last 1001 are about spread_s apart; with 0, all at once."""
+    async with hub_under_test() as h:
+        spread_sinks = [FakeSink() for _ in range(20)]
+        for sink in spread_sinks:
+            h.attach(sink)
+        await asyncio.wait_for(h.hub.close(spread_s=spread), seconds(spread * 4 + 5))
+    spread_times = sorted(t for s in spread_sinks for _, t in s.closes)
+
+    async with hub_under_test() as h:
+        burst_sinks = [FakeSink() for _ in range(20)]
+        for sink in burst_sinks:
+            h.attach(sink)
+        await asyncio.wait_for(h.hub.close(spread_s=0.0), seconds(5))
+    burst_times = sorted(t for s in burst_sinks for _, t in s.closes)
+
+    assert len(spread_times) == len(burst_times) == 20
+    span = spread_times[-1] - spread_times[0]
+    assert spread * 0.5 <= span <= seconds(spread * 3), f"closes spanned {span:.3f}s"
+    assert burst_times[-1] - burst_times[0] < spread * 0.25, "no spread: all at once"
+    distinct_moments = len({round(t - spread_times[0], 2) for t in spread_times})
+    assert distinct_moments >= 5, "closed in several batches, not one burst"
+
+
+@pytest.mark.parametrize(
+    "stall",
+    [{"stall_close": True}, {"stall_sends": True}],
+    ids=["close frame stalls", "send stalls"],
+)
+async def test_close_returns_even_if_a_client_blocks(stall: dict[str, bool]) -> None:
+    """A client that never takes its close (or frame) delays close() one send timeout at most."""
+    timeout = 0.2
+    async with hub_under_test(send_timeout_s=timeout) as h:
+        stuck = FakeSink(**stall)
+        h.attach(stuck)
+        others = [FakeSink() for _ in range(3)]
+        for sink in others:
+            h.attach(sink)
+        h.hub.broadcast(frame(1))
+        await wait_until(lambda: stuck.attempts != [], what="the stuck client to start sending")
+        await wait_until(lambda: all(s.frames for s in others), what="the others")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(h.hub.close(spread_s=0.0), seconds(timeout + 5))
+        elapsed = loop.time() - started
+        assert elapsed < seconds(timeout + 1.0), f"close() took {elapsed:.2f}s"
+        assert h.hub.active_connections == set()
+        assert all([code for code, _ in s.closes] == [1001] for s in others)
+        if stall.get("stall_close"):
+            assert [code for code, _ in stuck.closes] == [1001], "its close was attempted"

@@ -1,0 +1,188 @@
+"""Traces: the publisher's trace continues through the gateway's consumer and fan-out spans."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import pytest
+import websockets
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from gateway import logs
+from gateway.natsserver import NatsServer
+from gateway.publisher import publish
+from gateway.tracing import TracingConfigError, provider_from_env
+
+from conftest import (
+    GatewayProcess,
+    jetstream,
+    make_settings,
+    running_gateway,
+    seconds,
+    wait_until,
+    ws_url,
+)
+
+pytestmark = pytest.mark.anyio
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+def in_memory() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
+    return [span for span in exporter.get_finished_spans() if span.name == name]
+
+
+async def test_consumer_span_continues_the_published_traceparent(
+    nats_server: NatsServer,
+) -> None:
+    """The consumer span has the header's trace id and parent, kind CONSUMER, semconv attrs."""
+    provider, exporter = in_memory()
+    async with (
+        running_gateway(make_settings(nats_server.url), tracer_provider=provider) as gw,
+        jetstream(nats_server.url) as js,
+        websockets.connect(ws_url(gw)) as ws,
+    ):
+        await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+        await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the client")
+        ack = await js.publish(
+            "levels.signals", b'{"traced": true}', headers={"traceparent": TRACEPARENT}
+        )
+        await asyncio.wait_for(ws.recv(), seconds(5))
+        await wait_until(lambda: named(exporter, "process levels.signals"), what="the span")
+    (consumer,) = named(exporter, "process levels.signals")
+    assert consumer.kind is SpanKind.CONSUMER
+    assert format(consumer.context.trace_id, "032x") == TRACE_ID
+    assert consumer.parent is not None
+    assert format(consumer.parent.span_id, "016x") == PARENT_ID
+    assert [format(link.context.span_id, "016x") for link in consumer.links] == [PARENT_ID]
+    assert dict(consumer.attributes or {}) == {
+        "messaging.system": "nats",
+        "messaging.operation.name": "process",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": "levels.signals",
+        "messaging.consumer.group.name": "gateway_levels",
+        "messaging.message.id": str(ack.seq),
+        "messaging.message.body.size": len(b'{"traced": true}'),
+    }
+    (fanout,) = named(exporter, "fanout levels.signals")
+    assert fanout.parent is not None
+    assert fanout.parent.span_id == consumer.context.span_id
+    assert (fanout.attributes or {})["gateway.fanout.clients"] == 1
+    assert not [s for s in exporter.get_finished_spans() if "send" in s.name], "no per-frame spans"
+
+
+async def test_invalid_message_span_is_an_error_and_its_log_line_has_the_trace_id(
+    nats_server: NatsServer,
+) -> None:
+    """A rejected message marks its span as an error; the log line carries the trace id."""
+    provider, exporter = in_memory()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(logs.TEXT_FORMAT))
+    handler.addFilter(logs.TraceIdFilter())
+    logging.getLogger("gateway.relay").addHandler(handler)
+    try:
+        async with (
+            running_gateway(make_settings(nats_server.url), tracer_provider=provider) as gw,
+            jetstream(nats_server.url) as js,
+        ):
+            await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+            await js.publish("levels.signals", b"[1]", headers={"traceparent": TRACEPARENT})
+            await wait_until(lambda: named(exporter, "process levels.signals"), what="the span")
+    finally:
+        logging.getLogger("gateway.relay").removeHandler(handler)
+    (span,) = named(exporter, "process levels.signals")
+    assert span.status.status_code is StatusCode.ERROR
+    assert not named(exporter, "fanout levels.signals")
+    (line,) = [line for line in stream.getvalue().splitlines() if "rejected" in line]
+    assert "seq=1" in line
+    assert line.endswith(f"trace_id={TRACE_ID}")
+
+
+async def test_publisher_injects_traceparent_of_its_producer_span(
+    nats_server: NatsServer,
+) -> None:
+    """`gateway publish` starts the trace: its message headers carry its PRODUCER span."""
+    provider, exporter = in_memory()
+    await publish(
+        [nats_server.url],
+        stream="LEVEL_SIGNALS",
+        subject="levels.signals",
+        count=1,
+        rate_hz=100,
+        tracer_provider=provider,
+    )
+    (producer,) = named(exporter, "send levels.signals")
+    assert producer.kind is SpanKind.PRODUCER
+    async with jetstream(nats_server.url) as js:
+        raw = await js.get_last_msg("LEVEL_SIGNALS", "levels.signals")
+    assert raw.headers is not None
+    _, trace_id, span_id, _ = raw.headers["traceparent"].split("-")
+    assert trace_id == format(producer.context.trace_id, "032x")
+    assert span_id == format(producer.context.span_id, "016x")
+
+
+async def test_console_exporter_prints_the_published_trace_id(
+    nats_server: NatsServer, gateway_process: Callable[..., GatewayProcess]
+) -> None:
+    """A real gateway with OTEL_TRACES_EXPORTER=console prints spans of the published trace."""
+    proc = gateway_process(
+        {"NATS_URL": nats_server.url, "OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "gw"}
+    )
+    proc.wait_started()
+    async with jetstream(nats_server.url) as js:
+        await wait_until(lambda: "consuming levels.signals" in proc.output, what="the consumer")
+        await js.publish("levels.signals", b'{"a": 1}', headers={"traceparent": TRACEPARENT})
+        await wait_until(lambda: _consumer_count(js), what="the message to be consumed")
+    os.kill(proc.proc.pid, signal.SIGTERM)  # shutdown flushes the batched spans
+    assert await asyncio.to_thread(proc.wait_exit, 10) == 0
+    assert f'"trace_id": "0x{TRACE_ID}"' in proc.output
+    assert '"name": "process levels.signals"' in proc.output
+    assert '"service.name": "gw"' in proc.output
+
+
+async def _consumer_count(js: object) -> bool:
+    info = await js.consumer_info("LEVEL_SIGNALS", "gateway_levels")  # type: ignore[attr-defined]
+    return bool(info.delivered.stream_seq >= 1 and info.num_ack_pending == 0)
+
+
+@pytest.mark.parametrize(
+    ("env", "enabled"),
+    [
+        ({}, False),
+        ({"OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "console"}, True),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "console", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_tracing_is_off_unless_asked_for(env: dict[str, str], enabled: bool) -> None:
+    """No exporter configured means no TracerProvider at all: tracing costs nothing."""
+    provider = provider_from_env(env, default_service="gateway")
+    assert (provider is not None) == enabled
+    if provider is not None:
+        provider.shutdown()
+
+
+def test_unknown_exporter_is_a_configuration_error() -> None:
+    """An exporter name the gateway does not know stops the start, naming the variable."""
+    with pytest.raises(TracingConfigError, match="OTEL_TRACES_EXPORTER"):
+        provider_from_env({"OTEL_TRACES_EXPORTER": "zipkin"}, default_service="gateway")
