@@ -1,0 +1,121 @@
+"""The metrics contract moves exactly with real traffic through NATS and real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import websockets
+from prometheus_client import CollectorRegistry
+from websockets.exceptions import InvalidStatus
+
+from gateway.natsserver import NatsServer
+
+from conftest import (
+    jetstream,
+    make_settings,
+    publish_json,
+    running_gateway,
+    seconds,
+    wait_until,
+    ws_url,
+)
+
+pytestmark = pytest.mark.anyio
+
+MESSAGES = 12
+CLIENTS = 4
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    sample = registry.get_sample_value(name, labels)
+    return 0.0 if sample is None else sample
+
+
+async def test_counters_follow_messages_times_clients(nats_server: NatsServer) -> None:
+    """N messages to K clients: received N, sent N*K, one broadcast per message, N*K lags observed."""
+    registry = CollectorRegistry()
+    async with (
+        running_gateway(make_settings(nats_server.url), registry) as gw,
+        jetstream(nats_server.url) as js,
+    ):
+        await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+        clients = [await websockets.connect(ws_url(gw)) for _ in range(CLIENTS)]
+        await wait_until(lambda: len(gw.hub.active_connections) == CLIENTS, what="the clients")
+        assert value(registry, "gateway_connections_active") == CLIENTS
+        assert value(registry, "gateway_connections_total") == CLIENTS
+        for n in range(MESSAGES):
+            await publish_json(js, {"n": n, "ts": time.time()})
+            for ws in clients:  # each client keeps up: it reads every frame
+                await asyncio.wait_for(ws.recv(), seconds(5))
+        await js.publish("levels.signals", b"not json")
+        await publish_json(js, {"n": -1})
+        for ws in clients:
+            await asyncio.wait_for(ws.recv(), seconds(5))
+        await wait_until(
+            lambda: value(registry, "gateway_messages_invalid_total") == 1, what="the invalid one"
+        )
+        relayed = MESSAGES + 1
+        assert value(registry, "gateway_messages_received_total") == relayed + 1
+        assert value(registry, "gateway_messages_sent_total") == relayed * CLIENTS
+        assert value(registry, "gateway_messages_conflated_total") == 0
+        assert value(registry, "gateway_send_failures_total") == 0
+        assert value(registry, "gateway_broadcast_duration_seconds_count") == relayed
+        assert value(registry, "gateway_delivery_lag_seconds_count") == relayed * CLIENTS
+        latest = gw.hub.latest
+        assert latest is not None
+        assert value(registry, "gateway_last_message_timestamp_seconds") == latest.published_at
+        for ws in clients:
+            await ws.close()
+        await wait_until(
+            lambda: value(registry, "gateway_connections_active") == 0, what="the gauge to drop"
+        )
+
+
+async def test_nats_gauges_are_current_without_traffic(nats_server: NatsServer) -> None:
+    """nats_connected and consumer_lag are kept current even when no message flows."""
+    registry = CollectorRegistry()
+    async with jetstream(nats_server.url) as js:
+        async with running_gateway(make_settings(nats_server.url), registry) as gw:
+            await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+            assert value(registry, "gateway_nats_connected") == 1
+        for n in range(7):  # the gateway is down: a backlog builds on its durable consumer
+            await publish_json(js, {"n": n})
+        registry = CollectorRegistry()
+        async with running_gateway(make_settings(nats_server.url), registry) as gw:
+            await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+            await wait_until(
+                lambda: (
+                    value(registry, "gateway_consumer_lag") == 0
+                    and value(registry, "gateway_messages_received_total") == 7
+                ),
+                what="the backlog to drain and the lag gauge to follow",
+            )
+            nats_server.stop()
+            await wait_until(
+                lambda: value(registry, "gateway_nats_connected") == 0, what="the disconnect"
+            )
+
+
+async def test_rejections_are_counted_by_reason(nats_server: NatsServer) -> None:
+    """Refused handshakes count under their reason label: origin, auth, capacity."""
+    registry = CollectorRegistry()
+    settings = make_settings(
+        nats_server.url,
+        allowed_origins=frozenset({"https://ok.example"}),
+        auth_token="t",
+        max_connections=1,
+    )
+    async with running_gateway(settings, registry) as gw:
+        url = ws_url(gw, "/ws/stream?token=t")
+        with pytest.raises(InvalidStatus):
+            await websockets.connect(url, origin="https://evil.example")  # type: ignore[arg-type]
+        with pytest.raises(InvalidStatus):
+            await websockets.connect(ws_url(gw))
+        async with websockets.connect(url), websockets.connect(url) as over:
+            await asyncio.wait_for(over.wait_closed(), seconds(5))
+    assert value(registry, "gateway_connections_rejected_total", reason="origin") == 1
+    assert value(registry, "gateway_connections_rejected_total", reason="auth") == 1
+    assert value(registry, "gateway_connections_rejected_total", reason="capacity") == 1
+    assert value(registry, "gateway_connections_total") == 1, "a refused client is not counted"
