@@ -34,7 +34,7 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 async def test_counters_follow_messages_times_clients(nats_server: NatsServer) -> None:
-    """N messages to K clients: received N, sent N*K, one broadcast per message, N*K lags observed."""
+    """N messages to K clients: received N, sent N*K, N broadcasts and N*K lags observed."""
     registry = CollectorRegistry()
     async with (
         running_gateway(make_settings(nats_server.url), registry) as gw,
