@@ -209,3 +209,20 @@ def test_payload_bytes_survive_json_roundtrip_unchanged() -> None:
 
     data = msgspec.json.encode({"b": 1, "a": [1.50, "ü"]}) + b" "
     assert validate(data, 1 << 20).encode() == data
+
+
+async def test_half_open_client_is_found_by_ping(nats_server: NatsServer) -> None:
+    """A client that never answers pings (gone without a close) is removed after a period."""
+    settings = make_settings(nats_server.url, ping_interval_s=0.3)
+    async with running_gateway(settings) as gw, websockets.connect(ws_url(gw)) as alive:
+        silent = stalled_client(gw.port)  # completes the handshake, then never answers
+        try:
+            await wait_until(lambda: len(gw.hub.active_connections) == 2, what="two clients")
+            await wait_until(
+                lambda: len(gw.hub.active_connections) == 1,
+                timeout=5,
+                what="the silent client to be dropped by the ping timeout",
+            )
+            await alive.ping()  # the live client answers pings and stays
+        finally:
+            silent.close()

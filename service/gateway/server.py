@@ -69,8 +69,9 @@ class Gateway:
             ws="websockets-sansio",
             ws_max_size=s.max_inbound_bytes,  # a larger inbound frame closes with 1009
             ws_per_message_deflate=False,  # ~50 KiB and CPU per client; frames are small JSON
-            ws_ping_interval=20.0,  # finds half-open connections that never send a close
-            ws_ping_timeout=20.0,
+            # Pings find half-open connections (a peer gone without a close frame).
+            ws_ping_interval=s.ping_interval_s or None,
+            ws_ping_timeout=s.ping_interval_s or None,
             timeout_graceful_shutdown=int(s.drain_s + s.send_timeout_s + GRACEFUL_EXTRA_S),
             lifespan="on",
             log_config=None,  # logging is configured once, by the CLI
