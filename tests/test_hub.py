@@ -327,3 +327,44 @@ async def test_close_returns_even_if_a_client_blocks(stall: dict[str, bool]) -> 
         assert all([code for code, _ in s.closes] == [1001] for s in others)
         if stall.get("stall_close"):
             assert [code for code, _ in stuck.closes] == [1001], "its close was attempted"
+
+
+async def test_idle_client_is_written_inside_broadcast_without_a_task_switch() -> None:
+    """A client with nothing in flight gets the frame written during broadcast() itself."""
+    async with hub_under_test() as h:
+        sink = FakeSink()
+        client = h.attach(sink)
+        await wait_until(lambda: not client._wakeup.is_set(), what="the writer to park")
+        h.hub.broadcast(frame(1))
+        assert sink.frames == ['{"n":1}'], "written before broadcast() returned"
+        assert h.sample("gateway_messages_sent_total") == 1
+        assert h.sample("gateway_delivery_lag_seconds_count") == 1
+
+
+async def test_send_that_would_block_is_finished_by_the_writer() -> None:
+    """A send that cannot complete at once is handed, unfinished, to the client's writer."""
+    async with hub_under_test() as h:
+        sink = FakeSink(stall_sends=True)
+        client = h.attach(sink)
+        await wait_until(lambda: not client._wakeup.is_set(), what="the writer to park")
+        h.hub.broadcast(frame(1))
+        assert sink.attempts == ['{"n":1}']
+        assert sink.frames == []
+        h.hub.broadcast(frame(2))  # busy: goes to the mailbox
+        sink.release.set()
+        await wait_until(lambda: sink.frames == ['{"n":1}', '{"n":2}'], what="both frames")
+        assert sink.attempts == ['{"n":1}', '{"n":2}'], "the first send was not restarted"
+        assert h.sample("gateway_messages_sent_total") == 2
+        assert h.sample("gateway_messages_conflated_total") == 0
+
+
+async def test_handed_over_send_that_stalls_is_dropped_after_the_timeout() -> None:
+    """A handed-over send still stalled after the send timeout drops the client."""
+    async with hub_under_test(send_timeout_s=0.2) as h:
+        sink = FakeSink(stall_sends=True)
+        client = h.attach(sink)
+        await wait_until(lambda: not client._wakeup.is_set(), what="the writer to park")
+        h.hub.broadcast(frame(1))
+        await h.writer_ended(client)
+        assert h.sample("gateway_send_failures_total") == 1
+        assert client not in h.hub.active_connections
