@@ -122,7 +122,7 @@ async def publish_json(js: JetStreamContext, doc: Mapping[str, object], **kw: ob
 class GatewayProcess:
     """`python -m gateway` as a child process; its port is read back from its log."""
 
-    _LISTENING = re.compile(r"Uvicorn running on http://[^:]+:(\d+)")
+    _LISTENING = re.compile(r"(?:Uvicorn running on|workers listening on) http://[^:]+:(\d+)")
 
     def __init__(self, env: Mapping[str, str], args: tuple[str, ...] = ()) -> None:
         full_env = {**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": "0", **env}
@@ -136,7 +136,8 @@ class GatewayProcess:
         self.lines: deque[str] = deque(maxlen=2000)
         self.port: int | None = None
         self._started = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -163,7 +164,8 @@ class GatewayProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stdout is not None:
+        self._reader.join(5)  # it ends at EOF, once every writer of the pipe is gone
+        if self.proc.stdout is not None and not self._reader.is_alive():
             self.proc.stdout.close()
 
 

@@ -21,7 +21,7 @@ from litestar.status_codes import (
     HTTP_503_SERVICE_UNAVAILABLE,
     WS_1013_TRY_AGAIN_LATER,
 )
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.admission import refusal
 from gateway.hub import SocketBroadcaster
@@ -137,7 +137,7 @@ def create_app(
             service=SERVICE,
             status="healthy" if ok else "degraded",
             nats_url=settings.nats_url_redacted,
-            connections=len(hub.active_connections),
+            connections=metrics.service_connections(local=len(hub.active_connections)),
             nats_connected=relay.nats_connected,
             last_message_ts=latest.published_at if latest else None,
             consumer_lag=relay.consumer_lag,
@@ -151,7 +151,7 @@ def create_app(
 
     @get("/metrics", sync_to_thread=False)
     def metrics_endpoint() -> Response[bytes]:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     handlers = [stream, health, ready, metrics_endpoint]
     if settings.live_view:

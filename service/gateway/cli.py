@@ -72,5 +72,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         from gateway.server import banner, run
 
         print(banner(settings), flush=True)
+        if settings.workers > 1:
+            from gateway import workers
+
+            if tracer_provider is not None:
+                tracer_provider.shutdown()  # each worker builds its own
+            return workers.serve(settings)
         asyncio.run(run(settings, tracer_provider))
     return 0

@@ -2,9 +2,18 @@
 
 Nothing is registered at import time; `Metrics(CollectorRegistry())` gives a test its own
 set. The names are part of the contract: dashboards and alerts query them.
+
+With several worker processes (`GATEWAY_WORKERS`), prometheus_client's multiprocess mode
+is on (`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor before the workers start): every
+worker writes its values to files there, and each scrape aggregates all workers, so
+`/metrics` describes the whole service whichever worker answers. Gauges say how they
+combine (`multiprocess_mode`; ignored in a single process).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,7 +22,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
 )
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Sub-millisecond to seconds: a broadcast to a few clients takes microseconds, a delivery
 # to a stalled one can take the whole send timeout.
@@ -24,21 +35,25 @@ LATENCY_BUCKETS = (
 
 REJECT_REASONS = ("origin", "auth", "capacity", "draining")
 
+MultiprocessMode = Literal["livesum", "livemin", "livemax"]
+
 
 class Metrics:
     """The gateway's metrics, registered on `registry`."""
 
     def __init__(self, registry: CollectorRegistry, *, process: bool = True) -> None:
         self.registry = registry
-        if process:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        """Set when several workers share the metrics (see the module docstring)."""
+        if process and not self.multiprocess_dir:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, doc, registry=registry)
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, registry=registry)
+        def gauge(name: str, doc: str, combine: MultiprocessMode) -> Gauge:
+            return Gauge(name, doc, registry=registry, multiprocess_mode=combine)
 
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=registry)
@@ -59,7 +74,7 @@ class Metrics:
             "gateway_send_failures", "Failed or timed-out sends; the client was removed."
         )
         self.connections_active = gauge(
-            "gateway_connections_active", "Connected WebSocket clients."
+            "gateway_connections_active", "Connected WebSocket clients.", "livesum"
         )
         self.connections_total = counter("gateway_connections", "Accepted WebSocket connections.")
         self.connections_rejected = Counter(
@@ -70,13 +85,16 @@ class Metrics:
         )
         for reason in REJECT_REASONS:  # export zeros so rate() works from the first scrape
             self.connections_rejected.labels(reason)
-        self.nats_connected = gauge("gateway_nats_connected", "1 while connected to NATS, else 0.")
+        self.nats_connected = gauge(  # min: 0 as soon as one worker is disconnected
+            "gateway_nats_connected", "1 while connected to NATS, else 0.", "livemin"
+        )
         self.consumer_lag = gauge(
-            "gateway_consumer_lag", "JetStream num_pending of the gateway's consumer."
+            "gateway_consumer_lag", "JetStream num_pending of the gateway's consumer.", "livemax"
         )
         self.last_message_timestamp = gauge(
             "gateway_last_message_timestamp_seconds",
             "JetStream publish time (epoch seconds) of the newest relayed message.",
+            "livemax",
         )
         self.broadcast_duration = histogram(
             "gateway_broadcast_duration_seconds",
@@ -86,3 +104,24 @@ class Metrics:
             "gateway_delivery_lag_seconds",
             "JetStream publish time to the frame being written to a client's socket.",
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text for a scrape: this process, or every worker's aggregated."""
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        return generate_latest(self._all_workers())
+
+    def service_connections(self, local: int) -> int:
+        """Clients connected to the whole service (`local` when there is one process)."""
+        if not self.multiprocess_dir:
+            return local
+        for family in self._all_workers().collect():
+            for sample in family.samples:
+                if sample.name == "gateway_connections_active":
+                    return int(sample.value)
+        return local
+
+    def _all_workers(self) -> CollectorRegistry:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return registry

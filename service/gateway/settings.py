@@ -55,6 +55,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Largest NATS message relayed; larger is counted invalid (`GATEWAY_MAX_PAYLOAD_BYTES`)."""
     log_format: str = "text"
     """`text` for people, `json` for log shippers (`GATEWAY_LOG_FORMAT`)."""
+    workers: int = 1
+    """Worker processes sharing the port, each with its own consumer (`GATEWAY_WORKERS`)."""
     live_view: bool = True
     """Serve the live view page at `/` (`GATEWAY_LIVE_VIEW`, 0 turns it off)."""
 
@@ -78,6 +80,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_payload_bytes=_number(env, "GATEWAY_MAX_PAYLOAD_BYTES", int, 1 << 20, 2, 64 << 20),
             log_format=_choice(env, "GATEWAY_LOG_FORMAT", ("text", "json")),
             live_view=_flag(env, "GATEWAY_LIVE_VIEW", default=True),
+            workers=_number(env, "GATEWAY_WORKERS", int, 1, 1, 64),
         )
 
     @property
