@@ -88,8 +88,12 @@ def _worker(settings: Settings, index: int, sock: socket.socket) -> None:
 
     _exit_with_parent()
     logs.configure(settings.log_format)
-    durable = f"{settings.durable}_{index}" if settings.durable else ""
-    settings = msgspec.structs.replace(settings, durable=durable)
+    settings = msgspec.structs.replace(
+        settings,
+        durable=f"{settings.durable}_{index}" if settings.durable else "",
+        # The cap is the service's: each worker takes its share (rounded up).
+        max_connections=-(-settings.max_connections // settings.workers),
+    )
     tracer_provider = tracing.provider_from_env(os.environ, default_service="gateway")
     asyncio.run(Gateway(settings, tracer_provider=tracer_provider).serve(sockets=[sock]))
 
