@@ -123,3 +123,20 @@ async def test_oversized_inbound_frame_closes_only_that_client_1009(
         assert closed.value.rcvd.code == 1009
         await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the removal")
         await bystander.ping()
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /ws/stream HTTP/1.1\r\nHost: x\r\n"])
+async def test_connection_without_a_complete_request_is_closed(
+    nats_server: NatsServer, sent: bytes
+) -> None:
+    """A peer that never finishes its request head is closed after the handshake timeout."""
+    registry = CollectorRegistry()
+    settings = make_settings(nats_server.url, handshake_timeout_s=0.3)
+    async with running_gateway(settings, registry) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(sent)  # nothing, or a request head that never ends
+        assert await asyncio.wait_for(reader.read(), seconds(5)) == b"", "closed by the server"
+        writer.close()
+        async with websockets.connect(ws_url(gw)):  # a real client is unaffected
+            pass
+    assert rejected(registry, "handshake_timeout") == 1

@@ -33,7 +33,7 @@ LATENCY_BUCKETS = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-REJECT_REASONS = ("origin", "auth", "capacity", "draining")
+REJECT_REASONS = ("origin", "auth", "capacity", "draining", "handshake_timeout")
 
 MultiprocessMode = Literal["livesum", "livemin", "livemax"]
 

@@ -11,6 +11,7 @@ Shutdown, in order (SIGTERM or SIGINT):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -21,6 +22,7 @@ from litestar import Litestar
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
 from gateway.hub import SocketBroadcaster
@@ -66,6 +68,7 @@ class Gateway:
             self.app,
             host=s.host,
             port=s.port,
+            http=_handshake_deadline(s.handshake_timeout_s, self._handshake_timed_out),
             ws="websockets-sansio",
             ws_max_size=s.max_inbound_bytes,  # a larger inbound frame closes with 1009
             ws_per_message_deflate=False,  # ~50 KiB and CPU per client; frames are small JSON
@@ -105,6 +108,9 @@ class Gateway:
     async def _say_goodbye(self) -> None:
         await self.hub.close(spread_s=self.settings.drain_s)
 
+    def _handshake_timed_out(self) -> None:
+        self.metrics.connections_rejected.labels("handshake_timeout").inc()
+
 
 class _Server(uvicorn.Server):
     """uvicorn, with our goodbye before its shutdown and a clean exit on signals."""
@@ -124,6 +130,45 @@ class _Server(uvicorn.Server):
         with super().capture_signals():
             yield
             self._captured_signals.clear()
+
+
+def _handshake_deadline(
+    timeout_s: float, on_timeout: Callable[[], None]
+) -> type[HttpToolsProtocol]:
+    """uvicorn's HTTP protocol with a deadline for the request head (slowloris guard).
+
+    uvicorn times out idle keep-alive connections but not a first request that never
+    completes: a peer could hold a socket open forever by sending nothing, or a byte at a
+    time. This closes a connection whose request head has not arrived within `timeout_s`.
+    """
+
+    class HandshakeDeadline(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(timeout_s, self._expire)
+
+        def on_headers_complete(self) -> None:
+            self._cancel_deadline()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_deadline()
+            super().connection_lost(exc)
+
+        def _cancel_deadline(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                on_timeout()
+                self.transport.close()
+
+    return HandshakeDeadline
 
 
 def _http_tracing(provider: TracerProvider | None) -> list[OpenTelemetryPlugin]:

@@ -46,6 +46,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Shutdown spreads 1001 closes over this many seconds (`GATEWAY_DRAIN_S`)."""
     send_timeout_s: float = 5.0
     """A client whose send stalls longer is disconnected (`GATEWAY_SEND_TIMEOUT_S`)."""
+    handshake_timeout_s: float = 10.0
+    """A connection whose HTTP request head has not arrived by then is closed
+    (`GATEWAY_HANDSHAKE_TIMEOUT_S`)."""
     ping_interval_s: float = 20.0
     """WebSocket ping period; a client that does not answer within it is closed, which
     finds half-open connections (`GATEWAY_PING_INTERVAL_S`, 0 = off)."""
@@ -75,6 +78,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             auth_token=env.get("GATEWAY_AUTH_TOKEN", "").strip(),
             drain_s=_number(env, "GATEWAY_DRAIN_S", float, 2.0, 0.0, 300.0),
             send_timeout_s=_number(env, "GATEWAY_SEND_TIMEOUT_S", float, 5.0, 0.01, 300.0),
+            handshake_timeout_s=_number(
+                env, "GATEWAY_HANDSHAKE_TIMEOUT_S", float, 10.0, 0.05, 300.0
+            ),
             ping_interval_s=_number(env, "GATEWAY_PING_INTERVAL_S", float, 20.0, 0.0, 3600.0),
             max_inbound_bytes=_number(env, "GATEWAY_MAX_INBOUND_BYTES", int, 65_536, 1, 16 << 20),
             max_payload_bytes=_number(env, "GATEWAY_MAX_PAYLOAD_BYTES", int, 1 << 20, 2, 64 << 20),
