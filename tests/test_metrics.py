@@ -119,3 +119,22 @@ async def test_rejections_are_counted_by_reason(nats_server: NatsServer) -> None
     assert value(registry, "gateway_connections_rejected_total", reason="auth") == 1
     assert value(registry, "gateway_connections_rejected_total", reason="capacity") == 1
     assert value(registry, "gateway_connections_total") == 1, "a refused client is not counted"
+
+
+async def test_relay_behind_skips_stale_messages_and_counts_them(nats_server: NatsServer) -> None:
+    """Messages with more than MAX_BEHIND newer ones waiting are skipped and counted."""
+    from gateway.relay import MAX_BEHIND
+
+    backlog = 30
+    async with jetstream(nats_server.url) as js:
+        async with running_gateway(make_settings(nats_server.url)) as gw:
+            await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+        for n in range(backlog):  # the gateway is down: its durable falls behind
+            await publish_json(js, {"n": n})
+        registry = CollectorRegistry()
+        async with running_gateway(make_settings(nats_server.url), registry) as gw:
+            await wait_until(
+                lambda: value(registry, "gateway_messages_received_total") == backlog,
+                what="the backlog to drain",
+            )
+    assert value(registry, "gateway_messages_skipped_total") == backlog - MAX_BEHIND - 1

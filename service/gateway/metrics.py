@@ -65,6 +65,10 @@ class Metrics:
             "gateway_messages_invalid",
             "Messages rejected and not relayed (not a JSON object, too big).",
         )
+        self.messages_skipped = counter(
+            "gateway_messages_skipped",
+            "Messages not relayed because newer ones were already waiting (the relay was behind).",
+        )
         self.messages_sent = counter("gateway_messages_sent", "Frames delivered to clients.")
         self.messages_conflated = counter(
             "gateway_messages_conflated",

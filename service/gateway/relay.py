@@ -5,6 +5,10 @@ starts without NATS), makes sure the stream exists, binds the consumer, primes t
 cache with the newest message on the subject, then pulls in batches. Every message is
 acknowledged; only valid ones newer than the current state reach the hub.
 
+Falling behind: a message with more than MAX_BEHIND newer messages already waiting is
+acked and skipped (counted), so an overloaded gateway sends fresh state late rather than
+stale state later and later.
+
 Sequence floor: the relay remembers the stream sequence of the state it last offered.
 A message at or below it (a resume backlog after a restart, a redelivery, the newest
 message seen again when rebinding) is acked and skipped, so clients never get a burst of
@@ -46,6 +50,9 @@ EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter
 STREAM_MAX_MSGS_PER_SUBJECT = 100
 STREAM_MAX_AGE_S = 3600.0
 DRAIN_TIMEOUT_S = 3.0
+# A message with more than this many newer ones already waiting is skipped, not relayed:
+# small bursts pass whole, a relay that fell behind catches up to the newest state.
+MAX_BEHIND = 8
 
 
 class Relay:
@@ -192,6 +199,13 @@ class Relay:
         self.metrics.messages_received.inc()
         meta = msg.metadata
         seq, published_at = meta.sequence.stream, meta.timestamp.timestamp()
+        if meta.num_pending > MAX_BEHIND:
+            # The relay is behind (overload, or a backlog): newer states are already
+            # waiting, so this one is stale. Skipping it bounds how old a frame can be.
+            self.metrics.messages_skipped.inc()
+            self._floor = max(self._floor, seq)
+            await msg.ack()
+            return
         if self.tracer is None:
             relayed = self._offer(seq, msg.data, published_at)
         else:
