@@ -35,6 +35,26 @@ from gateway.settings import Settings
 
 TIMEOUT_FACTOR = float(os.environ.get("GATEWAY_TEST_TIMEOUT_FACTOR", "1"))
 
+# SPEC "Metrics": the contract names (histograms by their base name).
+CONTRACT_METRICS = frozenset(
+    {
+        "gateway_messages_received_total",
+        "gateway_messages_invalid_total",
+        "gateway_messages_sent_total",
+        "gateway_messages_conflated_total",
+        "gateway_send_failures_total",
+        "gateway_connections_active",
+        "gateway_connections_total",
+        "gateway_connections_rejected_total",
+        "gateway_nats_connected",
+        "gateway_consumer_lag",
+        "gateway_last_message_timestamp_seconds",
+        "gateway_broadcast_duration_seconds",
+        "gateway_delivery_lag_seconds",
+    }
+)
+HISTOGRAMS = frozenset({"gateway_broadcast_duration_seconds", "gateway_delivery_lag_seconds"})
+
 
 def seconds(n: float) -> float:
     """A test deadline of `n` seconds, scaled for slow machines."""

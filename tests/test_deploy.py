@@ -26,6 +26,8 @@ from prometheus_client import CollectorRegistry
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 
+from conftest import CONTRACT_METRICS
+
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
 COMPOSE = ROOT / "docker-compose.yml"
@@ -42,22 +44,6 @@ TEMPO = GRAFANA / "tempo" / "tempo.yaml"
 DASHBOARD_UID = "gateway-overview"  # links and bookmarks point at it: never change it
 # Images whose healthcheck cannot be written: no shell and no HTTP client inside.
 NO_HEALTHCHECK_TOOL = {"nats-exporter", "otel-collector", "tempo"}
-# SPEC "Metrics": the contract names every dashboard must show (histograms by their base).
-CONTRACT_METRICS = {
-    "gateway_messages_received_total",
-    "gateway_messages_invalid_total",
-    "gateway_messages_sent_total",
-    "gateway_messages_conflated_total",
-    "gateway_send_failures_total",
-    "gateway_connections_active",
-    "gateway_connections_total",
-    "gateway_connections_rejected_total",
-    "gateway_nats_connected",
-    "gateway_consumer_lag",
-    "gateway_last_message_timestamp_seconds",
-    "gateway_broadcast_duration_seconds",
-    "gateway_delivery_lag_seconds",
-}
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
