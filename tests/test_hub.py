@@ -54,6 +54,10 @@ class FakeSink:
         await self.release.wait()
         self.frames.append(text)
 
+    def write_now(self, wire: bytes) -> bool:
+        """Like a server without direct writes: always use the ASGI send path."""
+        return False
+
     async def close(self, code: int) -> None:
         self.closes.append((code, asyncio.get_running_loop().time()))
         if self.stall_close:
@@ -368,3 +372,33 @@ async def test_handed_over_send_that_stalls_is_dropped_after_the_timeout() -> No
         await h.writer_ended(client)
         assert h.sample("gateway_send_failures_total") == 1
         assert client not in h.hub.active_connections
+
+
+class DirectSink(FakeSink):
+    """A sink whose server takes prebuilt frames directly (as fastws does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wire: list[bytes] = []
+
+    def write_now(self, wire: bytes) -> bool:
+        self.wire.append(wire)
+        return True
+
+
+async def test_frame_is_built_once_and_written_directly_to_every_idle_client() -> None:
+    """Idle clients get the same prebuilt frame bytes object; no ASGI send is started."""
+    async with hub_under_test() as h:
+        sinks = [DirectSink() for _ in range(3)]
+        clients = [h.attach(sink) for sink in sinks]
+        await wait_until(
+            lambda: not any(c._wakeup.is_set() for c in clients), what="the writers to park"
+        )
+        h.hub.broadcast(frame(7))
+        wires = [sink.wire for sink in sinks]
+        assert all(len(w) == 1 for w in wires)
+        assert wires[0][0] is wires[1][0] is wires[2][0], "one bytes object for everyone"
+        assert wires[0][0] == b"\x81\x07" + b'{"n":7}'
+        assert all(sink.attempts == [] for sink in sinks)
+        assert h.sample("gateway_messages_sent_total") == 3
+        assert h.sample("gateway_delivery_lag_seconds_count") == 3

@@ -56,6 +56,8 @@ async def test_frames_arrive_in_order_and_byte_identical(nats_server: NatsServer
         await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
         async with websockets.connect(ws_url(gw)) as ws:
             await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the client")
+            (client,) = gw.hub.active_connections
+            assert client.sink._direct is not None, "uvicorn offers the direct write path"  # type: ignore[attr-defined]
             for data in payloads:
                 await js.publish("levels.signals", data)
             received = [await asyncio.wait_for(ws.recv(decode=False), seconds(5)) for _ in payloads]

@@ -23,7 +23,9 @@ from litestar.status_codes import (
 )
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from gateway import fastws
 from gateway.admission import refusal
+from gateway.fastws import DirectWriteProtocol
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.relay import Relay
@@ -47,10 +49,15 @@ class Health(msgspec.Struct, frozen=True):
 class _SocketSink:
     """The hub's view of a WebSocket: raw ASGI sends, the same `str` for every client."""
 
-    __slots__ = ("_send",)
+    __slots__ = ("_direct", "_send")
 
     def __init__(self, socket: WebSocket[Any, Any, Any]) -> None:
         self._send = socket.send
+        direct = (socket.scope.get("extensions") or {}).get(fastws.EXTENSION)
+        self._direct = direct if isinstance(direct, DirectWriteProtocol) else None
+
+    def write_now(self, wire: bytes) -> bool:
+        return self._direct is not None and self._direct.write_frame(wire)
 
     async def send_text(self, text: str) -> None:
         try:

@@ -3,10 +3,12 @@
 This is the seed's `SocketBroadcaster`. Broadcasting is synchronous and O(clients) and
 never waits for a socket, so one slow or dead client cannot delay the others:
 
-- A client that is idle (nothing in flight) gets the frame written at once: the send is
-  started inside the loop and, as long as the socket's buffer has room, it completes
-  without suspending. No task switch per client per frame, which is what makes the naive
-  `for ws in clients: await ws.send(...)` loop fast, without its failure mode.
+- A client that is idle (nothing in flight) gets the frame written at once: the frame's
+  bytes are built once per message and written straight to its socket when the server
+  offers that (`Sink.write_now`); otherwise the ASGI send is started inside the loop and,
+  as long as the socket's buffer has room, completes without suspending. No task switch
+  per client per frame, which is what makes the naive `for ws in clients: await
+  ws.send(...)` loop fast, without its failure mode.
 - If that send would block (the peer is not reading), it is handed, unfinished, to the
   client's own writer task, which finishes it under the send timeout.
 - A client that is busy gets the frame in its one-slot mailbox ("latest wins"); a frame
@@ -25,8 +27,8 @@ import types
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol
 
-from gateway.metrics import Metrics
-from gateway.payload import Frame
+from gateway.metrics import Metrics, observe_many
+from gateway.payload import Frame, websocket_text_frame
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ class Sink(Protocol):
 
     async def close(self, code: int) -> None:
         """Send a close frame with `code`."""
+
+    def write_now(self, wire: bytes) -> bool:
+        """Write a prebuilt frame at once if the socket can take it without waiting."""
 
 
 class Client:
@@ -123,17 +128,20 @@ class SocketBroadcaster:
         started = time.perf_counter()
         self.latest = frame
         conflated = sent = 0
+        wire = b""  # the frame's bytes on the wire, built once, when first needed
         for client in self.active_connections:
             if client._busy or client._pending is not None or client._closed:
                 conflated += client.offer(frame)
+                continue
+            wire = wire or websocket_text_frame(frame.text.encode())
+            if client.sink.write_now(wire):
+                sent += 1
             else:
                 sent += self._send_now(client, frame)
         metrics = self.metrics
         if sent:
             metrics.messages_sent.inc(sent)
-            lag = max(0.0, self.clock() - frame.published_at)
-            for _ in range(sent):
-                metrics.delivery_lag.observe(lag)
+            observe_many(metrics.delivery_lag, max(0.0, self.clock() - frame.published_at), sent)
         if conflated:
             metrics.messages_conflated.inc(conflated)
         metrics.broadcast_duration.observe(time.perf_counter() - started)

@@ -129,3 +129,18 @@ class Metrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         return registry
+
+
+def observe_many(histogram: Histogram, value: float, count: int) -> None:
+    """Record `count` observations of the same `value`, for the price of one.
+
+    A broadcast writes one frame to many clients at the same instant: their delivery lags
+    are one value. prometheus_client has no weighted observe, so this adds to the
+    histogram's own bucket and sum values (private attributes; a test compares the result
+    with `count` calls of `observe` so an upgrade that changes them is caught).
+    """
+    histogram._sum.inc(value * count)
+    for bound, bucket in zip(histogram._upper_bounds, histogram._buckets, strict=True):
+        if value <= bound:
+            bucket.inc(count)
+            break

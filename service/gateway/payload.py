@@ -51,3 +51,19 @@ def validate(data: bytes, max_bytes: int) -> str:
     except RecursionError:
         raise InvalidPayload("JSON nested too deeply") from None
     return text
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """A complete, unmasked WebSocket text frame (FIN set) carrying `payload` (RFC 6455).
+
+    Server-to-client frames are never masked, and with compression off the bytes are the
+    same for every client: built once per message, written to each socket as they are.
+    """
+    size = len(payload)
+    if size < 126:
+        header = bytes((0x81, size))
+    elif size < 1 << 16:
+        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
+    return header + payload

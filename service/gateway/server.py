@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.app import create_app
+from gateway.fastws import DirectWriteProtocol
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.relay import Relay
@@ -69,7 +70,7 @@ class Gateway:
             host=s.host,
             port=s.port,
             http=_handshake_deadline(s.handshake_timeout_s, self._handshake_timed_out),
-            ws="websockets-sansio",
+            ws=DirectWriteProtocol,  # websockets-sansio + frames built once for everyone
             ws_max_size=s.max_inbound_bytes,  # a larger inbound frame closes with 1009
             ws_per_message_deflate=False,  # ~50 KiB and CPU per client; frames are small JSON
             # Pings find half-open connections (a peer gone without a close frame).
