@@ -1,4 +1,4 @@
-"""The hub: fan-out into one-slot mailboxes, per-client writers, conflation, timeouts, drain.
+"""The hub: direct writes, one-slot mailboxes, writers on demand, conflation, timeouts, drain.
 
 The sockets are a fake we own (`FakeSink`); the hub, its metrics and the event loop are real.
 """
@@ -46,6 +46,8 @@ class FakeSink:
             self.release.set()
         self.stall_close = stall_close
         self.fail = fail
+        self.gone = asyncio.Event()
+        """Set when the peer leaves (it answered our close frame, or the test says so)."""
 
     async def send_text(self, text: str) -> None:
         self.attempts.append(text)
@@ -62,35 +64,45 @@ class FakeSink:
         self.closes.append((code, asyncio.get_running_loop().time()))
         if self.stall_close:
             await asyncio.Event().wait()  # never set: the peer stopped reading
+        self.gone.set()
 
 
 class Harness:
-    """A hub on a fresh registry, serving clients the way the app's handler does."""
+    """A hub on a fresh registry, with clients served the way the app's handler does."""
 
     def __init__(self, send_timeout_s: float, clock: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
         self.hub = SocketBroadcaster(Metrics(self.registry, process=False), send_timeout_s, clock)
-        self.writers: dict[Client, asyncio.Task[None]] = {}
+        self.handlers: dict[Client, asyncio.Task[None]] = {}
 
-    def attach(self, sink: FakeSink) -> Client:
-        """Connect `sink` and run its writer; disconnect it when the writer ends."""
-        client = self.hub.connect(sink)
+    async def attach(self, sink: FakeSink) -> Client:
+        """Connect `sink` from a handler task that waits until the peer leaves or is dropped."""
+        connected: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
 
         async def handler() -> None:
+            client = self.hub.connect(sink)
+            connected.set_result(client)
             try:
-                await self.hub.serve(client)
+                if not client.dropped:
+                    await sink.gone.wait()  # the app reads until the peer leaves
+            except asyncio.CancelledError:
+                if not client.dropped:
+                    raise
             finally:
                 self.hub.disconnect(client)
 
-        self.writers[client] = asyncio.create_task(handler())
+        task = asyncio.create_task(handler())
+        client = await connected
+        self.handlers[client] = task
         return client
 
     def sample(self, name: str) -> float:
         value = self.registry.get_sample_value(name)
         return 0.0 if value is None else value
 
-    async def writer_ended(self, client: Client, timeout: float = 5.0) -> None:
-        await asyncio.wait_for(asyncio.shield(self.writers[client]), seconds(timeout))
+    async def ended(self, client: Client, timeout: float = 5.0) -> None:
+        """Wait until the connection of `client` ended (its handler returned)."""
+        await asyncio.wait_for(asyncio.shield(self.handlers[client]), seconds(timeout))
 
 
 @contextlib.asynccontextmanager
@@ -101,9 +113,9 @@ async def hub_under_test(
     try:
         yield harness
     finally:
-        for task in harness.writers.values():
+        for task in harness.handlers.values():
             task.cancel()
-        await asyncio.gather(*harness.writers.values(), return_exceptions=True)
+        await asyncio.gather(*harness.handlers.values(), return_exceptions=True)
 
 
 def frame(n: int, published_at: float = 0.0) -> Frame:
@@ -116,7 +128,7 @@ async def test_new_client_gets_cached_frame_first() -> None:
         h.hub.broadcast(frame(1))
         h.hub.broadcast(frame(2))
         sink = FakeSink()
-        h.attach(sink)
+        await h.attach(sink)
         await wait_until(lambda: sink.frames == [frame(2).text], what="the cached frame")
         h.hub.broadcast(frame(3))
         await wait_until(lambda: len(sink.frames) == 2, what="the next frame")
@@ -128,7 +140,7 @@ async def test_client_that_keeps_up_gets_every_frame_in_order() -> None:
     """A client whose sends complete receives every broadcast frame, in order, counted as sent."""
     async with hub_under_test() as h:
         sink = FakeSink()
-        h.attach(sink)
+        await h.attach(sink)
         for n in range(10):
             h.hub.broadcast(frame(n))
             await wait_until(lambda n=n: len(sink.frames) == n + 1, what=f"frame {n}")
@@ -142,7 +154,7 @@ async def test_every_client_is_handed_the_same_text_object() -> None:
     async with hub_under_test() as h:
         sinks = [FakeSink() for _ in range(3)]
         for sink in sinks:
-            h.attach(sink)
+            await h.attach(sink)
         sent = frame(1)
         h.hub.broadcast(sent)
         await wait_until(lambda: all(s.frames for s in sinks), what="every client")
@@ -154,8 +166,8 @@ async def test_broadcast_is_synchronous_and_not_delayed_by_a_blocked_client() ->
     assert not inspect.iscoroutinefunction(SocketBroadcaster.broadcast)
     async with hub_under_test() as h:
         blocked, healthy = FakeSink(stall_sends=True), FakeSink()
-        h.attach(blocked)
-        h.attach(healthy)
+        await h.attach(blocked)
+        await h.attach(healthy)
         for n in range(20):
             assert not inspect.isawaitable(h.hub.broadcast(frame(n))), "nothing to await"
             await wait_until(lambda n=n: len(healthy.frames) == n + 1, what=f"frame {n}")
@@ -168,8 +180,8 @@ async def test_slow_client_gets_newest_frame_only() -> None:
     """A client busy sending skips to the newest frame; the skipped ones are counted."""
     async with hub_under_test() as h:
         slow, fast = FakeSink(stall_sends=True), FakeSink()
-        h.attach(slow)
-        h.attach(fast)
+        await h.attach(slow)
+        await h.attach(fast)
         h.hub.broadcast(frame(1))
         await wait_until(lambda: slow.attempts == [frame(1).text], what="the slow send to start")
         for n in (2, 3, 4):
@@ -189,12 +201,12 @@ async def test_stalled_send_is_dropped_after_send_timeout() -> None:
     timeout = 0.2
     async with hub_under_test(send_timeout_s=timeout) as h:
         stalled, healthy = FakeSink(stall_sends=True), FakeSink()
-        stalled_client = h.attach(stalled)
-        h.attach(healthy)
+        stalled_client = await h.attach(stalled)
+        await h.attach(healthy)
         loop = asyncio.get_running_loop()
         started = loop.time()
         h.hub.broadcast(frame(1))
-        await h.writer_ended(stalled_client)
+        await h.ended(stalled_client)
         elapsed = loop.time() - started
         assert elapsed >= timeout * 0.9, "not dropped before the timeout"
         assert elapsed < seconds(timeout + 2.0), "dropped soon after it"
@@ -210,10 +222,10 @@ async def test_connection_reset_ends_only_that_client() -> None:
     """A sink raising ConnectionResetError ends its writer, counts a failure, spares the rest."""
     async with hub_under_test() as h:
         gone, healthy = FakeSink(fail=ConnectionResetError()), FakeSink()
-        gone_client = h.attach(gone)
-        h.attach(healthy)
+        gone_client = await h.attach(gone)
+        await h.attach(healthy)
         h.hub.broadcast(frame(1))
-        await h.writer_ended(gone_client)
+        await h.ended(gone_client)
         assert h.sample("gateway_send_failures_total") == 1
         assert gone_client not in h.hub.active_connections
         h.hub.broadcast(frame(2))
@@ -221,22 +233,24 @@ async def test_connection_reset_ends_only_that_client() -> None:
         assert h.sample("gateway_messages_sent_total") == 2
 
 
-async def test_peer_gone_ends_writer_without_close_frame() -> None:
-    """request_close(None) (the peer already left) ends the writer with no close frame sent."""
+async def test_peer_that_leaves_is_forgotten_without_close_frame() -> None:
+    """A client whose peer left (mid-send, even) is removed; no close frame is sent to it."""
     async with hub_under_test() as h:
-        sink = FakeSink()
-        client = h.attach(sink)
-        client.request_close(None)
-        await h.writer_ended(client)
+        sink = FakeSink(stall_sends=True)
+        client = await h.attach(sink)
+        h.hub.broadcast(frame(1))  # a send in flight, handed to a writer
+        sink.gone.set()
+        await h.ended(client)
         assert sink.closes == []
         assert h.hub.active_connections == set()
+        assert client._writer is None, "its writer was stopped"
 
 
 async def test_sent_frame_observes_delivery_lag_from_publish_time() -> None:
     """Delivery lag is the injected clock at send minus the frame's publish time."""
     async with hub_under_test(clock=lambda: 1000.5) as h:
         sink = FakeSink()
-        h.attach(sink)
+        await h.attach(sink)
         h.hub.broadcast(frame(1, published_at=1000.0))
         await wait_until(lambda: sink.frames != [], what="the frame")
         await wait_until(
@@ -263,14 +277,14 @@ async def test_close_sends_going_away_to_every_client_and_refuses_afterwards() -
     async with hub_under_test() as h:
         sinks = [FakeSink() for _ in range(5)]
         for sink in sinks:
-            h.attach(sink)
+            await h.attach(sink)
         assert h.hub.closing is False
         await asyncio.wait_for(h.hub.close(code=WS_1001_GOING_AWAY, spread_s=0.0), seconds(5))
         assert [[code for code, _ in s.closes] for s in sinks] == [[1001]] * 5
         assert h.hub.active_connections == set()
         assert h.sample("gateway_connections_active") == 0
         assert h.hub.closing is True
-        assert all(task.done() for task in h.writers.values())
+        assert all(task.done() for task in h.handlers.values())
 
 
 async def test_close_without_clients_returns_at_once_and_marks_closing() -> None:
@@ -286,14 +300,14 @@ async def test_close_spreads_closes_over_drain_time(spread: float) -> None:
     async with hub_under_test() as h:
         spread_sinks = [FakeSink() for _ in range(20)]
         for sink in spread_sinks:
-            h.attach(sink)
+            await h.attach(sink)
         await asyncio.wait_for(h.hub.close(spread_s=spread), seconds(spread * 4 + 5))
     spread_times = sorted(t for s in spread_sinks for _, t in s.closes)
 
     async with hub_under_test() as h:
         burst_sinks = [FakeSink() for _ in range(20)]
         for sink in burst_sinks:
-            h.attach(sink)
+            await h.attach(sink)
         await asyncio.wait_for(h.hub.close(spread_s=0.0), seconds(5))
     burst_times = sorted(t for s in burst_sinks for _, t in s.closes)
 
@@ -315,10 +329,10 @@ async def test_close_returns_even_if_a_client_blocks(stall: dict[str, bool]) -> 
     timeout = 0.2
     async with hub_under_test(send_timeout_s=timeout) as h:
         stuck = FakeSink(**stall)
-        h.attach(stuck)
+        await h.attach(stuck)
         others = [FakeSink() for _ in range(3)]
         for sink in others:
-            h.attach(sink)
+            await h.attach(sink)
         h.hub.broadcast(frame(1))
         await wait_until(lambda: stuck.attempts != [], what="the stuck client to start sending")
         await wait_until(lambda: all(s.frames for s in others), what="the others")
@@ -337,8 +351,7 @@ async def test_idle_client_is_written_inside_broadcast_without_a_task_switch() -
     """A client with nothing in flight gets the frame written during broadcast() itself."""
     async with hub_under_test() as h:
         sink = FakeSink()
-        client = h.attach(sink)
-        await wait_until(lambda: not client._wakeup.is_set(), what="the writer to park")
+        await h.attach(sink)
         h.hub.broadcast(frame(1))
         assert sink.frames == ['{"n":1}'], "written before broadcast() returned"
         assert h.sample("gateway_messages_sent_total") == 1
@@ -349,8 +362,7 @@ async def test_send_that_would_block_is_finished_by_the_writer() -> None:
     """A send that cannot complete at once is handed, unfinished, to the client's writer."""
     async with hub_under_test() as h:
         sink = FakeSink(stall_sends=True)
-        client = h.attach(sink)
-        await wait_until(lambda: not client._wakeup.is_set(), what="the writer to park")
+        await h.attach(sink)
         h.hub.broadcast(frame(1))
         assert sink.attempts == ['{"n":1}']
         assert sink.frames == []
@@ -366,10 +378,9 @@ async def test_handed_over_send_that_stalls_is_dropped_after_the_timeout() -> No
     """A handed-over send still stalled after the send timeout drops the client."""
     async with hub_under_test(send_timeout_s=0.2) as h:
         sink = FakeSink(stall_sends=True)
-        client = h.attach(sink)
-        await wait_until(lambda: not client._wakeup.is_set(), what="the writer to park")
+        client = await h.attach(sink)
         h.hub.broadcast(frame(1))
-        await h.writer_ended(client)
+        await h.ended(client)
         assert h.sample("gateway_send_failures_total") == 1
         assert client not in h.hub.active_connections
 
@@ -390,10 +401,8 @@ async def test_frame_is_built_once_and_written_directly_to_every_idle_client() -
     """Idle clients get the same prebuilt frame bytes object; no ASGI send is started."""
     async with hub_under_test() as h:
         sinks = [DirectSink() for _ in range(3)]
-        clients = [h.attach(sink) for sink in sinks]
-        await wait_until(
-            lambda: not any(c._wakeup.is_set() for c in clients), what="the writers to park"
-        )
+        for sink in sinks:
+            await h.attach(sink)
         h.hub.broadcast(frame(7))
         wires = [sink.wire for sink in sinks]
         assert all(len(w) == 1 for w in wires)
@@ -402,3 +411,16 @@ async def test_frame_is_built_once_and_written_directly_to_every_idle_client() -
         assert all(sink.attempts == [] for sink in sinks)
         assert h.sample("gateway_messages_sent_total") == 3
         assert h.sample("gateway_delivery_lag_seconds_count") == 3
+
+
+async def test_a_client_that_keeps_up_never_gets_a_writer_task() -> None:
+    """Writers exist only while a send is stuck: a healthy connection costs one task."""
+    async with hub_under_test() as h:
+        sink = FakeSink()
+        client = await h.attach(sink)
+        tasks_before = len(asyncio.all_tasks())
+        for n in range(5):
+            h.hub.broadcast(frame(n))
+            assert client._writer is None
+        assert len(asyncio.all_tasks()) == tasks_before
+        assert len(sink.frames) == 5

@@ -7,10 +7,10 @@ test builds as many apps as it likes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
@@ -24,7 +24,7 @@ from litestar.status_codes import (
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import fastws
-from gateway.admission import refusal
+from gateway.admission import Refusal, refusal
 from gateway.fastws import DirectWriteProtocol
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
@@ -83,6 +83,21 @@ async def _refuse(socket: WebSocket[Any, Any, Any], status: int) -> None:
         await socket.send({"type": "websocket.close", "code": 1008, "reason": None})
 
 
+def _check_admission(settings: Settings, scope: Any) -> Refusal | None:
+    """Admission from the raw ASGI scope: only the two headers it needs, nothing cached.
+
+    Litestar's parsed `headers` and `query_params` would be built and kept on the scope
+    for the whole life of the connection: a few hundred bytes times every client.
+    """
+    headers = {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in scope["headers"]
+        if name in (b"origin", b"authorization")
+    }
+    query = dict(parse_qsl(scope["query_string"].decode("latin-1"))) if settings.auth_token else {}
+    return refusal(settings, query, headers)
+
+
 async def _read_until_disconnect(socket: WebSocket[Any, Any, Any]) -> None:
     """Inbound frames are ignored; the server's max frame size closes oversize ones (1009)."""
     while (await socket.receive())["type"] != "websocket.disconnect":
@@ -106,8 +121,7 @@ def create_app(
             metrics.connections_rejected.labels("draining").inc()
             await _refuse(socket, HTTP_503_SERVICE_UNAVAILABLE)
             return
-        query = dict(socket.query_params.items())
-        reason = refusal(settings, query, socket.headers)
+        reason = _check_admission(settings, socket.scope)
         if reason is not None:
             metrics.connections_rejected.labels(reason.value).inc()
             await _refuse(socket, reason.status)
@@ -118,16 +132,23 @@ def create_app(
             metrics.connections_rejected.labels("capacity").inc()
             await socket.close(WS_1013_TRY_AGAIN_LATER, "gateway at capacity")
             return
+        # This task only reads (and ignores) what the client sends, until it leaves: the
+        # hub writes to the socket from the fan-out, and cancels this task if it drops
+        # the client (a send stalled or failed), which ends the connection.
         client = hub.connect(_SocketSink(socket))
-        reader = asyncio.create_task(_read_until_disconnect(socket))
-        reader.add_done_callback(lambda _: client.request_close(None))
         try:
-            await hub.serve(client)
+            if not client.dropped:
+                await _read_until_disconnect(socket)
+        except asyncio.CancelledError:
+            if not client.dropped:
+                raise  # the server is cancelling us: not ours to swallow
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+        except WebSocketDisconnect:
+            pass
         finally:
             hub.disconnect(client)
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
-                await reader
 
     page = (resources.files("gateway") / "live.html").read_text(encoding="utf-8")
 

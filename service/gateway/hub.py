@@ -9,11 +9,14 @@ never waits for a socket, so one slow or dead client cannot delay the others:
   as long as the socket's buffer has room, completes without suspending. No task switch
   per client per frame, which is what makes the naive `for ws in clients: await
   ws.send(...)` loop fast, without its failure mode.
-- If that send would block (the peer is not reading), it is handed, unfinished, to the
-  client's own writer task, which finishes it under the send timeout.
+- If that send would block (the peer is not reading), it is handed, unfinished, to a
+  writer task made for that client, which finishes it under the send timeout, then
+  sends whatever arrived meanwhile, and ends when the client is idle again. Most
+  clients never need one: a connection costs one task, its handler.
 - A client that is busy gets the frame in its one-slot mailbox ("latest wins"); a frame
   replaced there before it was sent is counted as conflated.
-- A client whose send stalls past the timeout is dropped, alone.
+- A client whose send stalls past the timeout is dropped, alone: its handler task is
+  cancelled, which ends the connection.
 
 Needs nothing but the standard library and our metrics: sockets come in through `Sink`.
 """
@@ -50,33 +53,20 @@ class Sink(Protocol):
 
 
 class Client:
-    """One connected client: its sink, its one-slot mailbox and its writer's state."""
+    """One connected client: its sink, its one-slot mailbox, its writer when it has one."""
 
-    __slots__ = ("_busy", "_close_code", "_closed", "_inflight", "_pending", "_wakeup", "sink")
+    __slots__ = ("_closed", "_handler", "_pending", "_writer", "dropped", "sink")
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, handler: asyncio.Task[Any] | None) -> None:
         self.sink = sink
+        self._handler = handler
+        """The task serving this connection; cancelled to end it when the client is dropped."""
         self._pending: Frame | None = None
-        self._inflight: tuple[Frame, Awaitable[None]] | None = None
-        """A send started by the fan-out that could not finish at once, for the writer."""
-        self._busy = False
-        """True while a send is in flight (started by the fan-out or by the writer)."""
+        self._writer: asyncio.Task[None] | None = None
+        """Exists only while a send is in flight that could not complete at once."""
         self._closed = False
-        self._close_code: int | None = None
-        self._wakeup = asyncio.Event()
-
-    def offer(self, frame: Frame) -> bool:
-        """Put `frame` in the mailbox; return True if it replaced an unsent one."""
-        replaced = self._pending is not None
-        self._pending = frame
-        self._wakeup.set()
-        return replaced
-
-    def request_close(self, code: int | None) -> None:
-        """Stop the writer: send a close frame with `code` first, unless None (peer gone)."""
-        self._closed = True
-        self._close_code = code
-        self._wakeup.set()
+        self.dropped = False
+        """True once the hub gave up on this client (a send failed or stalled)."""
 
 
 class SocketBroadcaster:
@@ -102,18 +92,25 @@ class SocketBroadcaster:
         return self.latest.text if self.latest else None
 
     def connect(self, sink: Sink) -> Client:
-        """Register an accepted socket; its mailbox starts with the cached frame, if any."""
-        client = Client(sink)
-        if self.latest is not None:
-            client.offer(self.latest)
+        """Register an accepted socket, from its handler task; send it the cached frame.
+
+        If the hub drops the client later, it cancels that task: the handler must then
+        return (see `Client.dropped`).
+        """
+        client = Client(sink, asyncio.current_task())
         self.active_connections.add(client)
         self._empty.clear()
         self.metrics.connections_total.inc()
         self.metrics.connections_active.set(len(self.active_connections))
+        if self.latest is not None:
+            self._deliver(client, self.latest)
         return client
 
     def disconnect(self, client: Client) -> None:
-        """Forget a client. Idempotent."""
+        """Forget a client and stop its writer. Idempotent."""
+        client._closed = True
+        if client._writer is not None:
+            client._writer.cancel()
         self.active_connections.discard(client)
         self.metrics.connections_active.set(len(self.active_connections))
         if not self.active_connections:
@@ -122,7 +119,7 @@ class SocketBroadcaster:
     def broadcast(self, frame: Frame) -> int:
         """Cache `frame` and deliver it to every client; return how many frames it replaced.
 
-        Never waits for a socket: idle clients are written to directly, the others get the
+        Never waits for a socket: idle clients are written to directly, busy ones get the
         frame in their mailbox (see the module docstring).
         """
         started = time.perf_counter()
@@ -130,14 +127,15 @@ class SocketBroadcaster:
         conflated = sent = 0
         wire = b""  # the frame's bytes on the wire, built once, when first needed
         for client in self.active_connections:
-            if client._busy or client._pending is not None or client._closed:
-                conflated += client.offer(frame)
+            if client._closed:
+                continue
+            if client._writer is not None:  # busy: latest wins
+                conflated += client._pending is not None
+                client._pending = frame
                 continue
             wire = wire or websocket_text_frame(frame.text.encode())
-            if client.sink.write_now(wire):
+            if client.sink.write_now(wire) or self._send_now(client, frame):
                 sent += 1
-            else:
-                sent += self._send_now(client, frame)
         metrics = self.metrics
         if sent:
             metrics.messages_sent.inc(sent)
@@ -147,52 +145,50 @@ class SocketBroadcaster:
         metrics.broadcast_duration.observe(time.perf_counter() - started)
         return conflated
 
+    def _deliver(self, client: Client, frame: Frame) -> None:
+        """Send one frame to an idle client now, counting it if it went out at once."""
+        wire = websocket_text_frame(frame.text.encode())
+        if client.sink.write_now(wire) or self._send_now(client, frame):
+            self.metrics.messages_sent.inc()
+            self.metrics.delivery_lag.observe(max(0.0, self.clock() - frame.published_at))
+
     def _send_now(self, client: Client, frame: Frame) -> bool:
-        """Start writing `frame` to an idle client; True if it was written at once."""
+        """Start the ASGI send of `frame`; True if it completed at once.
+
+        One step of the coroutine: with room in the socket's buffer the whole send runs
+        synchronously and ends here. If it would block, a writer task finishes it.
+        """
         send = client.sink.send_text(frame.text)
         try:
-            # One step of the coroutine: with room in the socket's buffer, the whole
-            # send runs synchronously and ends here.
             waiting_on = send.send(None)
         except StopIteration:
             return True
         except (OSError, RuntimeError):  # the peer went away (uvicorn's ClientDisconnected)
             self.metrics.send_failures.inc()
-            client.request_close(None)
+            self._drop(client)
             return False
-        # The send would block: its writer task finishes it, under the send timeout.
-        client._busy = True
-        client._inflight = (frame, _resume(send, waiting_on))
-        client._wakeup.set()
+        client._writer = asyncio.create_task(
+            self._write(client, frame, _resume(send, waiting_on)), name="gateway-writer"
+        )
         return False
 
-    async def serve(self, client: Client) -> None:
-        """Write `client`'s frames until it is closed or fails; the caller disconnects it."""
-        while True:
-            await client._wakeup.wait()
-            client._wakeup.clear()
-            if client._closed:
-                if client._inflight is not None:
-                    _abandon(client._inflight[1])
-                if client._close_code is not None:
-                    await self._say_goodbye(client, client._close_code)
-                return
-            if client._inflight is not None:
-                (frame, send), client._inflight = client._inflight, None
-            elif client._pending is not None:
+    async def _write(self, client: Client, frame: Frame, send: Awaitable[None]) -> None:
+        """A client's writer: finish `send`, then the newest frame that came meanwhile."""
+        try:
+            while True:
+                if not await self._finish(send):
+                    self._drop(client)
+                    return
+                self.metrics.messages_sent.inc()
+                self.metrics.delivery_lag.observe(max(0.0, self.clock() - frame.published_at))
+                if client._pending is None or client._closed:
+                    return
                 frame, client._pending = client._pending, None
                 send = client.sink.send_text(frame.text)
-            else:
-                continue
-            client._busy = True
-            delivered = await self._finish(send)
-            client._busy = False
-            if not delivered:
-                return
-            self.metrics.messages_sent.inc()
-            self.metrics.delivery_lag.observe(max(0.0, self.clock() - frame.published_at))
-            if client._pending is not None:
-                client._wakeup.set()  # a newer frame arrived while this one was being sent
+        finally:
+            client._writer = None
+            if isinstance(send, Generator):  # a handed-over send that was cancelled
+                send.close()
 
     async def _finish(self, send: Awaitable[None]) -> bool:
         """Await a send under the send timeout; False (counted) if it failed."""
@@ -208,12 +204,21 @@ class SocketBroadcaster:
             return False
         return True
 
+    def _drop(self, client: Client) -> None:
+        """Give up on a client: no more frames, and its handler ends the connection."""
+        client._closed = client.dropped = True
+        if client._handler is not None and client._handler is not asyncio.current_task():
+            client._handler.cancel()
+
     async def _say_goodbye(self, client: Client, code: int) -> None:
+        client._closed = True
+        if client._writer is not None:
+            client._writer.cancel()  # a close frame goes out instead of the pending frames
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 await client.sink.close(code)
         except (TimeoutError, OSError):
-            pass  # it stalled or left; the connection ends when the handler returns
+            self._drop(client)  # it stalled or left: end the connection from our side
 
     async def close(self, code: int = WS_1001_GOING_AWAY, spread_s: float = 0.0) -> None:
         """Stop taking clients, close every client with `code` over `spread_s` seconds.
@@ -229,16 +234,22 @@ class SocketBroadcaster:
         log.info("closing %d clients with code %d over %.1fs", len(clients), code, spread_s)
         batches = max(1, min(len(clients), round(spread_s / CLOSE_TICK_S)))
         size = -(-len(clients) // batches)  # ceiling division
-        for start in range(0, len(clients), size):
-            if start:
-                await asyncio.sleep(spread_s / batches)
-            for client in clients[start : start + size]:
-                client.request_close(code)
+        goodbyes: set[asyncio.Task[None]] = set()
         try:
+            for start in range(0, len(clients), size):
+                if start:
+                    await asyncio.sleep(spread_s / batches)
+                for client in clients[start : start + size]:
+                    goodbyes.add(asyncio.create_task(self._say_goodbye(client, code)))
             async with asyncio.timeout(self.send_timeout_s + 1.0):
+                await asyncio.gather(*goodbyes)
                 await self._empty.wait()
         except TimeoutError:
             log.warning("%d clients still open after shutdown", len(self.active_connections))
+        finally:
+            for task in goodbyes:
+                task.cancel()
+            await asyncio.gather(*goodbyes, return_exceptions=True)
 
 
 @types.coroutine
@@ -255,9 +266,3 @@ def _resume(send: Coroutine[Any, Any, None], waiting_on: object) -> Generator[An
         send.close()
         raise
     yield from send.__await__()
-
-
-def _abandon(send: Awaitable[None]) -> None:
-    """Close a handed-over send that will never be awaited (its client is closing)."""
-    if isinstance(send, Generator):
-        send.close()
