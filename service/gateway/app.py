@@ -59,6 +59,11 @@ class _SocketSink:
     def write_now(self, wire: bytes) -> bool:
         return self._direct is not None and self._direct.write_frame(wire)
 
+    def abort(self) -> None:
+        """Release the socket of a dropped client now (see fastws.DirectWriteProtocol)."""
+        if self._direct is not None:
+            self._direct.abort()
+
     async def send_text(self, text: str) -> None:
         try:
             await self._send({"type": "websocket.send", "text": text, "bytes": None})
@@ -135,7 +140,8 @@ def create_app(
         # This task only reads (and ignores) what the client sends, until it leaves: the
         # hub writes to the socket from the fan-out, and cancels this task if it drops
         # the client (a send stalled or failed), which ends the connection.
-        client = hub.connect(_SocketSink(socket))
+        sink = _SocketSink(socket)
+        client = hub.connect(sink)
         try:
             if not client.dropped:
                 await _read_until_disconnect(socket)
@@ -149,6 +155,8 @@ def create_app(
             pass
         finally:
             hub.disconnect(client)
+            if client.dropped:
+                sink.abort()
 
     page = (resources.files("gateway") / "live.html").read_text(encoding="utf-8")
 

@@ -7,6 +7,10 @@ subclass of uvicorn's websockets-sansio protocol puts itself in the connection's
 scope (extension `gateway.direct_write`); the hub hands it the frame built once per
 message, and it writes it straight to the transport when the connection is open and its
 buffer has room. In every other case it declines and the ordinary ASGI send is used.
+
+It also lets the gateway abort a connection it dropped: uvicorn ends a connection with
+`transport.close()`, which waits for the write buffer to drain, which is forever when
+the peer stopped reading, so the socket and its buffers would never be released.
 """
 
 from __future__ import annotations
@@ -42,3 +46,7 @@ class DirectWriteProtocol(WebSocketsSansIOProtocol):
             self.transport.write(frame)
             return True
         return False
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding whatever is still buffered for the peer."""
+        self.transport.abort()

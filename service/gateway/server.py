@@ -138,9 +138,10 @@ def _handshake_deadline(
 ) -> type[HttpToolsProtocol]:
     """uvicorn's HTTP protocol with a deadline for the request head (slowloris guard).
 
-    uvicorn times out idle keep-alive connections but not a first request that never
-    completes: a peer could hold a socket open forever by sending nothing, or a byte at a
-    time. This closes a connection whose request head has not arrived within `timeout_s`.
+    uvicorn times out idle keep-alive connections but not a request that never completes:
+    a peer could hold a socket open forever by sending nothing, or a byte at a time. This
+    closes a connection whose request head has not arrived within `timeout_s` of the
+    connection (or of that request's first byte).
     """
 
     class HandshakeDeadline(HttpToolsProtocol):
@@ -148,7 +149,17 @@ def _handshake_deadline(
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._deadline = self.loop.call_later(timeout_s, self._expire)
+            self._arm_deadline()
+
+        def on_message_begin(self) -> None:
+            # Every request head gets the deadline, not only the first: a kept-alive
+            # connection's next request could otherwise trickle in forever.
+            super().on_message_begin()
+            self._arm_deadline()
+
+        def _arm_deadline(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(timeout_s, self._expire)
 
         def on_headers_complete(self) -> None:
             self._cancel_deadline()
