@@ -312,7 +312,10 @@ async def test_sigterm_during_heavy_fanout_closes_everyone_1001_and_exits_0(
             started = time.monotonic()
             proc.proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*(r.task for r in readers)), seconds(15))
-            code = await asyncio.to_thread(proc.wait_exit, 15)
+            try:
+                code = await asyncio.to_thread(proc.wait_exit, 15)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"no exit 15 s after SIGTERM:\n{proc.output[-3000:]}")
             exited = time.monotonic() - started
     finally:
         for r in readers:

@@ -50,6 +50,7 @@ EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter
 STREAM_MAX_MSGS_PER_SUBJECT = 100
 STREAM_MAX_AGE_S = 3600.0
 DRAIN_TIMEOUT_S = 3.0
+CANCEL_RETRY_S = 0.5
 # A message with more than this many newer ones already waiting is skipped, not relayed:
 # small bursts pass whole, a relay that fell behind catches up to the newest state.
 MAX_BEHIND = 8
@@ -95,7 +96,13 @@ class Relay:
         try:
             yield self
         finally:
-            task.cancel()
+            self._closing = True
+            # Cancel until it is done: a cancellation that lands while a library's
+            # `wait_for` is completing can be swallowed (CPython gh-86296; seen here under
+            # load in nats-py's fetch), and the loop would pull forever.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await self._close()
@@ -117,7 +124,7 @@ class Relay:
         log.info("connected to NATS at %s", self._server_shown())
         self.metrics.nats_connected.set(1)
         js = nc.jetstream()
-        while True:  # the one error boundary of this task
+        while not self._closing:  # the one error boundary of this task
             try:
                 await self._consume(js)
             except (TimeoutError, nats.errors.Error) as exc:
@@ -151,7 +158,7 @@ class Relay:
                 "ephemeral" if ephemeral else f"durable {self.settings.durable!r}",
             )
             next_info = 0.0
-            while True:
+            while not self._closing:
                 if time.monotonic() >= next_info:
                     await self._refresh_lag(psub)
                     next_info = time.monotonic() + LAG_REFRESH_S
@@ -269,7 +276,6 @@ class Relay:
         )
 
     async def _close(self) -> None:
-        self._closing = True
         nc = self._nc
         if nc is None or nc.is_closed:
             return
