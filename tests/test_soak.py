@@ -7,6 +7,8 @@ the numbers in its JSON line, so a regression shows which promise it broke.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,16 +25,23 @@ DURATION_S = 60
 @pytest.mark.timeout(300)
 def test_soak_60s_has_no_leaks_and_every_healthy_client_gets_the_final_message() -> None:
     """A 60-s soak: RSS flat, fds and connections back to baseline, final message to all."""
-    done = subprocess.run(
+    # Its own process group: if it overruns, the soak and everything it started go.
+    soak = subprocess.Popen(
         [sys.executable, str(SOAK), "--duration", str(DURATION_S)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=seconds(DURATION_S + 120),
-        check=False,
+        start_new_session=True,
     )
-    output = done.stdout[-4000:] + done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert done.returncode == 0, output
+    try:
+        stdout, stderr = soak.communicate(timeout=seconds(DURATION_S + 120))
+    except subprocess.TimeoutExpired:
+        os.killpg(soak.pid, signal.SIGKILL)
+        stdout, stderr = soak.communicate()
+        pytest.fail(f"the soak overran:\n{stdout[-4000:]}{stderr[-4000:]}")
+    output = stdout[-4000:] + stderr[-4000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert soak.returncode == 0, output
     assert report["ok"], report["failures"]
     assert report["failures"] == []
     # The load really happened: churn, the NATS restart, stalled clients.
