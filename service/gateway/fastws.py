@@ -50,3 +50,12 @@ class DirectWriteProtocol(WebSocketsSansIOProtocol):
     def abort(self) -> None:
         """Drop the connection now, discarding whatever is still buffered for the peer."""
         self.transport.abort()
+
+    def keepalive_timeout(self) -> None:
+        """A peer that missed its ping is gone: abort rather than wait for a buffer drain.
+
+        uvicorn closes the transport gracefully, and with a full write buffer (a peer that
+        vanished mid-stream) that close, and the app's disconnect, would wait forever.
+        """
+        super().keepalive_timeout()
+        self.transport.abort()

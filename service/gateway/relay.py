@@ -164,7 +164,7 @@ class Relay:
                     next_info = time.monotonic() + LAG_REFRESH_S
                 try:
                     msgs = await psub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
-                except nats.errors.TimeoutError:
+                except TimeoutError:  # nats-py also raises the builtin one from inside
                     continue  # no messages, or NATS is away: nats-py reconnects underneath
                 for msg in msgs:
                     await self._handle(msg)
@@ -195,7 +195,7 @@ class Relay:
     async def _refresh_lag(self, psub: JetStreamContext.PullSubscription) -> None:
         try:
             info = await psub.consumer_info()
-        except nats.errors.TimeoutError:
+        except TimeoutError:
             self.consumer_lag = None  # NATS is away; the NotFoundError case rebinds
             return
         self.consumer_lag = info.num_pending
