@@ -196,7 +196,7 @@ class Relay:
         try:
             info = await psub.consumer_info()
         except TimeoutError:
-            self.consumer_lag = None  # NATS is away; the NotFoundError case rebinds
+            self.consumer_lag = None  # NATS is away; any other error (consumer gone) rebinds
             return
         self.consumer_lag = info.num_pending
         if info.num_pending is not None:
