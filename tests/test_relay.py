@@ -228,3 +228,29 @@ async def test_half_open_client_is_found_by_ping(nats_server: NatsServer) -> Non
             await alive.ping()  # the live client answers pings and stays
         finally:
             silent.close()
+
+
+async def test_floor_resets_when_the_stream_is_recreated_at_the_same_sequence(
+    nats_server: NatsServer,
+) -> None:
+    """A recreated stream is noticed by its creation time, even at the old last sequence."""
+    from gateway.hub import SocketBroadcaster
+    from gateway.metrics import Metrics
+    from gateway.relay import Relay, ensure_stream
+
+    metrics = Metrics(CollectorRegistry(), process=False)
+    relay = Relay(make_settings(nats_server.url), SocketBroadcaster(metrics, 5.0), metrics)
+    async with jetstream(nats_server.url) as js:
+        await relay._ensure_stream(js)  # creates the stream, notes its creation time
+        for n in range(3):
+            await publish_json(js, {"old": n})
+        relay._floor = 3  # the old stream's newest state was relayed
+        await relay._ensure_stream(js)
+        assert relay._floor == 3, "same stream: the floor stays"
+        # Someone deletes and recreates it, and it reaches seq 3 before the relay looks.
+        await js.delete_stream("LEVEL_SIGNALS")
+        await ensure_stream(js, "LEVEL_SIGNALS", "levels.signals")
+        for n in range(3):
+            await publish_json(js, {"new": n})
+        await relay._ensure_stream(js)
+    assert relay._floor == 0, "new stream with the same last sequence: the floor went"

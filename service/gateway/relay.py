@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 
 import nats
 import nats.errors
@@ -77,6 +78,7 @@ class Relay:
         """The consumer's num_pending from the last consumer info, None when unknown."""
         self._nc: NATS | None = None
         self._floor = 0
+        self._stream_created: datetime | None = None
         self._said_unreachable = False
         self._closing = False
 
@@ -177,11 +179,14 @@ class Relay:
         if await ensure_stream(js, self.settings.stream, self.settings.subject):
             log.info("created stream %s for %s", self.settings.stream, self.settings.subject)
         # A stream that was deleted and recreated (or lost with a server's data) numbers
-        # its messages from 1 again: then the floor from the old stream must go.
+        # its messages from 1 again: then the floor from the old stream must go. Its
+        # creation time tells; a last sequence below the floor too, if that is unknown.
         info = await js.stream_info(self.settings.stream)
-        if info.state.last_seq < self._floor:
+        recreated = self._stream_created is not None and info.created != self._stream_created
+        if recreated or info.state.last_seq < self._floor:
             log.warning("stream %s was reset; following its new sequence", self.settings.stream)
             self._floor = 0
+        self._stream_created = info.created
 
     async def _prime(self, js: JetStreamContext) -> None:
         """Offer the newest message on the subject, so new clients get state at once."""
