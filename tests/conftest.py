@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import inspect
+import json
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from pathlib import Path
 import msgspec
 import nats
 import pytest
+import websockets
 from nats.js import JetStreamContext
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
@@ -131,6 +133,21 @@ async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
         yield nc.jetstream()
     finally:
         await nc.close()
+
+
+async def recv_json(ws: websockets.ClientConnection, timeout: float = 5.0) -> dict[str, object]:
+    """The next frame, which must be a JSON object in a text frame."""
+    raw = await asyncio.wait_for(ws.recv(), seconds(timeout))
+    assert isinstance(raw, str), "frames are text frames"
+    doc = json.loads(raw)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def sample(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
+    """A metric sample's value, 0 when it was never set."""
+    value = registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
 
 
 async def publish_json(js: JetStreamContext, doc: Mapping[str, object], **kw: object) -> int:

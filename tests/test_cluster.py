@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -31,18 +30,19 @@ from prometheus_client import CollectorRegistry
 from gateway.natsserver import NatsServer
 from gateway.server import Gateway
 
-from conftest import jetstream, make_settings, publish_json, running_gateway, seconds, wait_until
+from conftest import (
+    jetstream,
+    make_settings,
+    publish_json,
+    recv_json,
+    running_gateway,
+    seconds,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
 STREAM, SUBJECT = "LEVEL_SIGNALS", "levels.signals"
-
-
-async def recv_json(ws: websockets.ClientConnection, timeout: float = 5.0) -> dict[str, object]:
-    raw = await asyncio.wait_for(ws.recv(), seconds(timeout))
-    doc = json.loads(raw)
-    assert isinstance(doc, dict)
-    return doc
 
 
 async def connect_clients(gw: Gateway, n: int) -> list[websockets.ClientConnection]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -39,7 +38,9 @@ from conftest import (
     jetstream,
     make_settings,
     publish_json,
+    recv_json,
     running_gateway,
+    sample,
     seconds,
     stalled_client,
     wait_until,
@@ -51,18 +52,6 @@ pytestmark = pytest.mark.anyio
 STREAM, DURABLE = "LEVEL_SIGNALS", "gateway_levels"
 REBIND_WARNING = "rebinding"
 MAX_REBINDS = 10  # a crash loop would log one per second, forever
-
-
-async def recv_json(ws: websockets.ClientConnection, timeout: float = 5.0) -> dict[str, object]:
-    raw = await asyncio.wait_for(ws.recv(), seconds(timeout))
-    assert isinstance(raw, str), "frames are text frames"
-    doc = json.loads(raw)
-    assert isinstance(doc, dict)
-    return doc
-
-
-def sample(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
-    return registry.get_sample_value(name, labels or {}) or 0.0
 
 
 def rebinds(caplog: pytest.LogCaptureFixture) -> int:

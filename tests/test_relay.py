@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import msgspec
 import pytest
@@ -17,7 +16,9 @@ from conftest import (
     jetstream,
     make_settings,
     publish_json,
+    recv_json,
     running_gateway,
+    sample,
     seconds,
     stalled_client,
     wait_until,
@@ -27,23 +28,10 @@ from conftest import (
 pytestmark = pytest.mark.anyio
 
 
-def sample(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None) -> float:
-    value = registry.get_sample_value(name, labels or {})
-    return 0.0 if value is None else value
-
-
 async def all_acked(js: JetStreamContext) -> bool:
     """The durable consumer has nothing pending and nothing awaiting acknowledgement."""
     info = await js.consumer_info("LEVEL_SIGNALS", "gateway_levels")
     return info.num_pending == 0 and info.num_ack_pending == 0 and info.num_redelivered == 0
-
-
-async def recv_json(ws: websockets.ClientConnection, timeout: float = 5.0) -> dict[str, object]:
-    raw = await asyncio.wait_for(ws.recv(), seconds(timeout))
-    assert isinstance(raw, str), "frames are text frames"
-    doc = json.loads(raw)
-    assert isinstance(doc, dict)
-    return doc
 
 
 async def test_frames_arrive_in_order_and_byte_identical(nats_server: NatsServer) -> None:
