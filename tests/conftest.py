@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats
@@ -34,6 +35,9 @@ from prometheus_client import CollectorRegistry
 from gateway.natsserver import NatsServer
 from gateway.server import Gateway
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from natscluster import Node
 
 TIMEOUT_FACTOR = float(os.environ.get("GATEWAY_TEST_TIMEOUT_FACTOR", "1"))
 
@@ -90,6 +94,15 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh nats-server with JetStream in a temp dir, on a free loopback port."""
     with NatsServer(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[Node]]:
+    """Three nats-server processes with JetStream, routed together on loopback."""
+    from natscluster import nats_cluster_nodes  # it imports helpers from this module
+
+    with nats_cluster_nodes(tmp_path) as nodes:
+        yield nodes
 
 
 def make_settings(nats_url: str, **overrides: object) -> Settings:

@@ -12,37 +12,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
-import nats
-import nats.errors
-import nats.js.errors
 import pytest
 import websockets
-from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
 from prometheus_client import CollectorRegistry
 
 from gateway.natsserver import NatsServer
 from gateway.server import Gateway
+from natscluster import (
+    STREAM,
+    Node,
+    cluster_client,
+    jetstream_answers,
+    publish_until_stopped,
+    read_past,
+    stream_created,
+)
 
 from conftest import (
+    http_url,
     jetstream,
     make_settings,
     publish_json,
     recv_json,
     running_gateway,
-    seconds,
     wait_until,
 )
 
 pytestmark = pytest.mark.anyio
-
-STREAM, SUBJECT = "LEVEL_SIGNALS", "levels.signals"
 
 
 async def connect_clients(gw: Gateway, n: int) -> list[websockets.ClientConnection]:
@@ -59,12 +57,13 @@ async def connect_clients(gw: Gateway, n: int) -> list[websockets.ClientConnecti
     [
         pytest.param(("gateway_a", "gateway_b", "gateway_c"), id="distinct-durables"),
         pytest.param(("", "", ""), id="ephemeral"),
+        pytest.param(("gateway_levels",) * 3, id="identical-defaults"),
     ],
 )
 async def test_every_replica_relays_every_message(
     nats_server: NatsServer, durables: tuple[str, ...]
 ) -> None:
-    """Replicas with their own consumers (durable or ephemeral) each relay every message."""
+    """Replicas with their own consumers each relay every message, also from one environment."""
     async with contextlib.AsyncExitStack() as stack:
         gateways = [
             await stack.enter_async_context(
@@ -90,154 +89,51 @@ async def test_every_replica_relays_every_message(
             for ws in ws_list:
                 assert [(await recv_json(ws))["n"] for _ in range(30)] == list(range(30))
         consumers = {info.name for info in await js.consumers_info(STREAM)}
+        assert {gw.relay.consumer for gw in gateways} == consumers
+        assert not any(gw.relay.sharing.shared for gw in gateways)
     assert len(consumers) == len(durables), "one consumer per replica"
-    if all(durables):
+    if durables[0] == "gateway_levels":  # leased: the first replica keeps the seed's name
+        assert consumers == {"gateway_levels", "gateway_levels_2", "gateway_levels_3"}
+    elif all(durables):
         assert consumers == set(durables)
 
 
-async def test_replicas_sharing_a_durable_split_the_messages(nats_server: NatsServer) -> None:
-    """Two replicas bound to the same durable share its messages: why each needs its own."""
+async def test_replicas_forced_onto_one_durable_say_so(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas forced onto one durable (leases off) split it, and each one says so."""
     registries = [CollectorRegistry(), CollectorRegistry()]
+    settings = make_settings(nats_server.url, consumer_lease=False)
     async with contextlib.AsyncExitStack() as stack:
         gateways = [
-            await stack.enter_async_context(running_gateway(make_settings(nats_server.url), reg))
-            for reg in registries
+            await stack.enter_async_context(running_gateway(settings, reg)) for reg in registries
         ]
         for gw in gateways:
             await wait_until(lambda gw=gw: gw.relay.ready, what="both relays to subscribe")
+        assert {gw.relay.consumer for gw in gateways} == {"gateway_levels"}
         js = await stack.enter_async_context(jetstream(nats_server.url))
-        for n in range(40):
-            await publish_json(js, {"n": n})
+        http = await stack.enter_async_context(httpx.AsyncClient())
 
         def received() -> list[float]:
             return [r.get_sample_value("gateway_messages_received_total") or 0 for r in registries]
 
-        await wait_until(lambda: sum(received()) >= 40, what="all messages to be consumed")
-    # A work queue, not a broadcast: the messages were divided, not duplicated.
-    assert sum(received()) == 40
-
-
-# --- (b) a 3-node nats-server cluster --------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct free loopback ports (bound together, so none repeats, then released)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-
-
-@dataclass
-class Node:
-    """One cluster member: its server process and its monitoring port."""
-
-    name: str
-    server: NatsServer
-    monitor_port: int
-
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    async def client_names(self, http: httpx.AsyncClient) -> list[str]:
-        """Names of the client connections this node holds (from its /connz)."""
-        try:
-            response = await http.get(f"http://127.0.0.1:{self.monitor_port}/connz?subs=1")
-        except httpx.TransportError:
-            return []  # the node is down
-        return [conn.get("name", "") for conn in response.json()["connections"] or []]
-
-
-@pytest.fixture
-def nats_cluster(tmp_path: Path) -> Iterator[list[Node]]:
-    """Three nats-server processes with JetStream, routed together on loopback."""
-    ports = free_ports(9)
-    client_ports, cluster_ports, monitor_ports = ports[0:3], ports[3:6], ports[6:9]
-    nodes: list[Node] = []
-    try:
-        for i in range(3):
-            routes = ",".join(
-                f"nats://127.0.0.1:{port}" for j, port in enumerate(cluster_ports) if j != i
-            )
-            server = NatsServer(
-                tmp_path / f"node{i}",
-                port=client_ports[i],
-                extra_args=[
-                    "--cluster_name", "c",
-                    "--cluster", f"nats://127.0.0.1:{cluster_ports[i]}",
-                    "--routes", routes,
-                    "-n", f"node{i}",
-                    "-m", str(monitor_ports[i]),
-                ],
-            )  # fmt: skip
-            nodes.append(Node(f"node{i}", server, monitor_ports[i]))
-            server.start()
-        yield nodes
-    finally:
-        for node in nodes:
-            node.server.stop()
-
-
-async def _jetstream_answers(js: JetStreamContext) -> bool:
-    try:
-        await js.account_info()
-    except (nats.errors.TimeoutError, nats.js.errors.APIError):
-        return False  # no meta leader elected yet
-    return True
-
-
-async def _stream_created(js: JetStreamContext) -> bool:
-    try:
-        await js.add_stream(
-            StreamConfig(name=STREAM, subjects=[SUBJECT], num_replicas=3, allow_direct=True)
-        )
-    except nats.js.errors.BadRequestError:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.stream_info(STREAM)  # created by an earlier attempt that timed out
-            return True
-        return False
-    except (nats.errors.TimeoutError, nats.js.errors.APIError):
-        return False  # the cluster is still forming
-    return True
-
-
-@contextlib.asynccontextmanager
-async def cluster_client(nodes: list[Node]) -> AsyncIterator[JetStreamContext]:
-    """The test's own NATS connection to the cluster nodes given, with short JS timeouts."""
-    nc = await nats.connect(
-        [node.url for node in nodes],
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.2,
-        dont_randomize=True,
-    )
-    try:
-        yield nc.jetstream(timeout=1.0)
-    finally:
-        await nc.close()
-
-
-async def _publish_until_stopped(js: JetStreamContext, stop: asyncio.Event) -> None:
-    """Publish {"n": i} every 50 ms until `stop`; failures while leaders move are retried."""
-    n = 1000
-    while not stop.is_set():
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            await publish_json(js, {"n": n}, timeout=1.0)
-            n += 1
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.05)  # the publish rate, not a synchronisation
-
-
-async def _read_past(ws: websockets.ClientConnection, floor: int, timeout: float) -> list[int]:
-    """Read frames until one has n > floor; return every n read (in order)."""
-    seen: list[int] = []
-    async with asyncio.timeout(seconds(timeout)):
-        while not seen or seen[-1] <= floor:
-            n = (await recv_json(ws, timeout))["n"]
-            assert isinstance(n, int)
-            seen.append(n)
-    return seen
+        for n in range(40):
+            await publish_json(js, {"n": n})
+            await wait_until(lambda n=n: sum(received()) == n + 1, what=f"message {n} consumed")
+            if all(gw.relay.sharing.shared for gw in gateways):
+                break
+        # A work queue, not a broadcast: the messages were divided, not duplicated...
+        assert sum(received()) == n + 1
+        assert all(received()), "each replica got a part"
+        # ...and the operator is told, by every replica: metric, /health, one log line.
+        for gw, registry in zip(gateways, registries, strict=True):
+            assert gw.relay.sharing.shared
+            assert registry.get_sample_value("gateway_consumer_shared") == 1
+            health = (await http.get(http_url(gw, "/health"))).json()
+            assert health["status"] == "degraded"
+            assert health["consumer"] == "gateway_levels"
+    warnings = [r for r in caplog.records if "another process is pulling" in r.getMessage()]
+    assert len(warnings) == 2, "one line per replica"
 
 
 @pytest.mark.parametrize("durable", ["gateway_levels", ""], ids=["durable", "ephemeral"])
@@ -247,8 +143,8 @@ async def test_gateway_fails_over_when_its_cluster_node_dies(
     """SIGKILL the cluster node the gateway is connected to: relaying continues, clients stay."""
     registry = CollectorRegistry()
     async with cluster_client(nats_cluster) as js:
-        await wait_until(lambda: _jetstream_answers(js), timeout=30, what="a JetStream leader")
-        await wait_until(lambda: _stream_created(js), timeout=30, what="the R3 stream")
+        await wait_until(lambda: jetstream_answers(js), timeout=30, what="a JetStream leader")
+        await wait_until(lambda: stream_created(js), timeout=30, what="the R3 stream")
         info = await js.stream_info(STREAM)
         assert info.cluster is not None
         assert len(info.cluster.replicas or []) == 2, "the stream has 3 replicas"
@@ -280,18 +176,18 @@ async def test_gateway_fails_over_when_its_cluster_node_dies(
 
                 victim.server.stop(signal.SIGKILL)
                 stop = asyncio.Event()
-                publisher = asyncio.create_task(_publish_until_stopped(js, stop))
+                publisher = asyncio.create_task(publish_until_stopped(js, stop))
                 try:
                     # Leaders move and the gateway reconnects: frames flow again on every client.
                     for ws in clients:
-                        seen = await _read_past(ws, 999, timeout=45)
+                        seen = await read_past(ws, 999, timeout=45)
                         assert seen == sorted(set(seen)), "in order, no repeats"
                 finally:
                     stop.set()
                     await publisher
                 await publish_json(js, {"n": 10**6})
                 for ws in clients:
-                    seen = await _read_past(ws, 10**6 - 1, timeout=10)
+                    seen = await read_past(ws, 10**6 - 1, timeout=10)
                     assert seen == sorted(set(seen)), "in order, no repeats"
                     assert seen[-1] == 10**6
             moved_to = await gateway_node()
@@ -311,8 +207,8 @@ async def test_gateway_survives_loss_of_its_consumer_leader(
     """SIGKILL the node leading the gateway's consumer (an ephemeral's only copy): relay resumes."""
     registry = CollectorRegistry()
     async with cluster_client(nats_cluster) as js:
-        await wait_until(lambda: _jetstream_answers(js), timeout=30, what="a JetStream leader")
-        await wait_until(lambda: _stream_created(js), timeout=30, what="the R3 stream")
+        await wait_until(lambda: jetstream_answers(js), timeout=30, what="a JetStream leader")
+        await wait_until(lambda: stream_created(js), timeout=30, what="the R3 stream")
 
     servers = tuple(node.url for node in nats_cluster)
     settings = make_settings(servers[0], nats_servers=servers, durable=durable)
@@ -326,10 +222,10 @@ async def test_gateway_survives_loss_of_its_consumer_leader(
                 victim = next(n for n in nats_cluster if n.name == consumer.cluster.leader)
                 victim.server.stop(signal.SIGKILL)
                 stop = asyncio.Event()
-                publisher = asyncio.create_task(_publish_until_stopped(js, stop))
+                publisher = asyncio.create_task(publish_until_stopped(js, stop))
                 try:
                     for ws in clients:
-                        seen = await _read_past(ws, 999, timeout=45)
+                        seen = await read_past(ws, 999, timeout=45)
                         assert seen == sorted(set(seen)), "in order, no repeats"
                 finally:
                     stop.set()

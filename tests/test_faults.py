@@ -196,7 +196,9 @@ async def test_gateway_sigkilled_and_restarted_resumes_its_durable_primed(
     nats_server: NatsServer, gateway_process: Callable[..., GatewayProcess]
 ) -> None:
     """After a SIGKILL the restarted gateway resumes its durable, primed, with no stale burst."""
-    env = gateway_env(nats_server.url)
+    # A stable identity, as an orchestrator keeps for a container restarted in place (the
+    # test's port 0 differs at every start): the new process takes its old lease over.
+    env = {**gateway_env(nats_server.url), "GATEWAY_REPLICA_ID": "gateway-0"}
     first = gateway_process(env)
     port = first.wait_started()
     await wait_ready(port)

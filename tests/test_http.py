@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import httpx
 import pytest
 import websockets
@@ -28,7 +30,7 @@ async def test_health_reports_every_field_with_credentials_redacted(
     """/health has SPEC's fields and types; the password never appears, the username may."""
     url = f"nats://alice:s3cret-pw@127.0.0.1:{nats_server.port}"
     async with (
-        running_gateway(make_settings(url)) as gw,
+        running_gateway(make_settings(url, replica_id="gw-a")) as gw,
         jetstream(nats_server.url) as js,
         httpx.AsyncClient() as http,
     ):
@@ -43,7 +45,10 @@ async def test_health_reports_every_field_with_credentials_redacted(
     body = response.json()
     assert body == {
         "service": "gateway",
+        "version": metadata.version("gateway"),
         "status": "healthy",
+        "replica": "gw-a",
+        "consumer": "gateway_levels",
         "nats_url": f"nats://alice:***@127.0.0.1:{nats_server.port}",
         "connections": 1,
         "nats_connected": True,

@@ -26,6 +26,11 @@ def test_defaults_match_the_spec_table() -> None:
     assert settings.stream == "LEVEL_SIGNALS"
     assert settings.subject == "levels.signals"
     assert settings.durable == "gateway_levels"
+    assert settings.consumer_lease is True
+    assert settings.lease_ttl_s == 10.0
+    assert settings.consumer_inactive_s == 600.0
+    assert settings.replica_id == ""
+    assert settings.stream_replicas == 1
     assert settings.max_connections == 10_000
     assert settings.allowed_origins == frozenset()
     assert settings.auth_token == ""
@@ -67,6 +72,12 @@ def test_settings_are_frozen() -> None:
         ("GATEWAY_DURABLE", "mine", "durable", "mine"),
         ("GATEWAY_DURABLE", "", "durable", ""),
         ("GATEWAY_DURABLE", "   ", "durable", ""),
+        ("GATEWAY_DURABLE", "gw-Levels_1", "durable", "gw-Levels_1"),
+        ("GATEWAY_CONSUMER_LEASE", "0", "consumer_lease", False),
+        ("GATEWAY_LEASE_TTL_S", "2.5", "lease_ttl_s", 2.5),
+        ("GATEWAY_CONSUMER_INACTIVE_S", "30", "consumer_inactive_s", 30.0),
+        ("GATEWAY_REPLICA_ID", " gateway-7c9f-x2 ", "replica_id", "gateway-7c9f-x2"),
+        ("GATEWAY_STREAM_REPLICAS", "3", "stream_replicas", 3),
         ("GATEWAY_MAX_CONNECTIONS", "1", "max_connections", 1),
         (
             "GATEWAY_ALLOWED_ORIGINS",
@@ -107,6 +118,16 @@ def test_every_variable_is_parsed(variable: str, raw: str, field: str, expected:
         ("GATEWAY_HOST", "   "),
         ("GATEWAY_STREAM", ""),
         ("GATEWAY_SUBJECT", " "),
+        ("GATEWAY_DURABLE", "a.b"),
+        ("GATEWAY_DURABLE", "levels*"),
+        ("GATEWAY_DURABLE", "gateway levels"),
+        ("GATEWAY_DURABLE", "gatéway"),
+        ("GATEWAY_DURABLE", "x" * 201),
+        ("GATEWAY_CONSUMER_LEASE", "sometimes"),
+        ("GATEWAY_LEASE_TTL_S", "1.5"),
+        ("GATEWAY_CONSUMER_INACTIVE_S", "0"),
+        ("GATEWAY_STREAM_REPLICAS", "0"),
+        ("GATEWAY_STREAM_REPLICAS", "7"),
         ("GATEWAY_MAX_CONNECTIONS", "0"),
         ("GATEWAY_MAX_CONNECTIONS", "ten"),
         ("GATEWAY_MAX_CONNECTIONS", "1e3"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from importlib import resources
+from importlib import metadata, resources
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -32,13 +32,17 @@ from gateway.relay import Relay
 from gateway.settings import Settings
 
 SERVICE = "gateway"
+VERSION = metadata.version("gateway")
 
 
 class Health(msgspec.Struct, frozen=True):
     """The `/health` body (SPEC: HTTP)."""
 
     service: str
+    version: str
     status: str
+    replica: str
+    consumer: str | None
     nats_url: str
     connections: int
     nats_connected: bool
@@ -167,11 +171,16 @@ def create_app(
 
     @get("/health", media_type=MediaType.JSON, sync_to_thread=False)
     def health() -> Health:
-        ok = relay.ready
+        # Degraded: no current data (NATS away, not subscribed), or only part of it (our
+        # consumer is shared with another process, which takes some of the messages).
+        ok = relay.ready and not relay.sharing.shared
         latest = hub.latest
         return Health(
             service=SERVICE,
+            version=VERSION,
             status="healthy" if ok else "degraded",
+            replica=relay.replica,
+            consumer=relay.consumer if relay.subscribed else None,
             nats_url=settings.nats_url_redacted,
             connections=metrics.service_connections(local=len(hub.active_connections)),
             nats_connected=relay.nats_connected,

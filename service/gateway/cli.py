@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             size=args.size,
             count=args.count,
             tracer_provider=tracer_provider,
+            stream_replicas=settings.stream_replicas,
         )
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(coro)

@@ -13,6 +13,8 @@ combine (`multiprocess_mode`; ignored in a single process).
 from __future__ import annotations
 
 import os
+import platform
+from importlib import metadata
 from typing import Literal
 
 from prometheus_client import (
@@ -58,6 +60,14 @@ class Metrics:
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=registry)
 
+        self.build_info = Gauge(
+            "gateway_build_info",
+            "Always 1; the labels say which gateway and Python this process runs.",
+            ["version", "python"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.build_info.labels(metadata.version("gateway"), platform.python_version()).set(1)
         self.messages_received = counter(
             "gateway_messages_received", "Messages taken from NATS (valid or not)."
         )
@@ -91,6 +101,11 @@ class Metrics:
             self.connections_rejected.labels(reason)
         self.nats_connected = gauge(  # min: 0 as soon as one worker is disconnected
             "gateway_nats_connected", "1 while connected to NATS, else 0.", "livemin"
+        )
+        self.consumer_shared = gauge(  # max: 1 as soon as one worker sees it
+            "gateway_consumer_shared",
+            "1 while another process is seen pulling from this gateway's consumer, else 0.",
+            "livemax",
         )
         self.consumer_lag = gauge(
             "gateway_consumer_lag", "JetStream num_pending of the gateway's consumer.", "livemax"

@@ -64,6 +64,7 @@ async def publish(
     size: int = 0,
     count: int | None = None,
     tracer_provider: TracerProvider | None = None,
+    stream_replicas: int = 1,
 ) -> int:
     """Publish at `rate_hz` until `count` messages (None = until cancelled); return how many.
 
@@ -84,7 +85,7 @@ async def publish(
     tracer = tracer_provider.get_tracer("gateway.publisher") if tracer_provider else None
     try:
         js = nc.jetstream()
-        await ensure_stream(js, stream, subject)
+        await ensure_stream(js, stream, subject, stream_replicas)
         interval = 1.0 / rate_hz
         next_at = time.monotonic()
         sent = 0

@@ -14,6 +14,10 @@ A message at or below it (a resume backlog after a restart, a redelivery, the ne
 message seen again when rebinding) is acked and skipped, so clients never get a burst of
 stale or repeated frames; every newer message is relayed in order. The floor resets only
 when the stream itself was reset (its last sequence went below the floor).
+
+Consumer identity: every process pulls from a consumer of its own, so every replica relays
+every message. A durable's name is claimed through a lease (see consumer.py), and a
+consumer shared with another process anyway is noticed and reported.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -36,6 +41,7 @@ from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from gateway import tracing
+from gateway.consumer import ConsumerLease, LeaseLost, NoFreeName, ShareDetector
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame, InvalidPayload, validate
@@ -51,6 +57,7 @@ EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter
 STREAM_MAX_MSGS_PER_SUBJECT = 100
 STREAM_MAX_AGE_S = 3600.0
 DRAIN_TIMEOUT_S = 3.0
+RELEASE_TIMEOUT_S = 1.0
 CANCEL_RETRY_S = 0.5
 # A message with more than this many newer ones already waiting is skipped, not relayed:
 # small bursts pass whole, a relay that fell behind catches up to the newest state.
@@ -76,6 +83,25 @@ class Relay:
         """True while the consumer is bound and known to exist."""
         self.consumer_lag: int | None = None
         """The consumer's num_pending from the last consumer info, None when unknown."""
+        self.consumer: str | None = None
+        """The name of the consumer in use (the server's name for an ephemeral one)."""
+        self.replica = settings.replica_id or f"{socket.gethostname()}:{settings.port}"
+        """Who this process is, in leases and logs: `GATEWAY_REPLICA_ID`, else host:port
+        (unique among live processes: a second one could not listen on the same port)."""
+        self.sharing = ShareDetector()
+        """Watches for another process pulling from our consumer."""
+        self._lease = (
+            ConsumerLease(
+                stream=settings.stream,
+                base=settings.durable,
+                replica=self.replica,
+                ttl_s=settings.lease_ttl_s,
+                replicas=settings.stream_replicas,
+                trusted=bool(settings.replica_id) or settings.port != 0,
+            )
+            if settings.durable and settings.consumer_lease
+            else None
+        )
         self._nc: NATS | None = None
         self._floor = 0
         self._stream_created: datetime | None = None
@@ -129,6 +155,8 @@ class Relay:
         while not self._closing:  # the one error boundary of this task
             try:
                 await self._consume(js)
+            except (LeaseLost, NoFreeName) as exc:
+                log.warning("%s; claiming a consumer name again", exc)
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("JetStream consumer lost (%s: %s); rebinding", type(exc).__name__, exc)
             except Exception:
@@ -137,33 +165,27 @@ class Relay:
 
     async def _consume(self, js: JetStreamContext) -> None:
         await self._ensure_stream(js)
-        ephemeral = not self.settings.durable
-        psub = await js.pull_subscribe(
-            self.settings.subject,
-            durable=self.settings.durable or None,
-            stream=self.settings.stream,
-            config=ConsumerConfig(
-                # A new consumer starts at the newest message; the floor skips it if primed.
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                ack_policy=AckPolicy.EXPLICIT,
-                max_ack_pending=FETCH_BATCH * 4,
-                inactive_threshold=EPHEMERAL_INACTIVE_S if ephemeral else None,
-            ),
-        )
+        psub = await self._subscribe(js)
+        renewal = None if self._lease is None else asyncio.create_task(self._lease.keep())
         try:
             await self._prime(js)
             self.subscribed = True
+            self.sharing.reset(time.monotonic())
             log.info(
-                "consuming %s from stream %s (%s consumer)",
+                "consuming %s from stream %s with %s consumer %r (replica %s)",
                 self.settings.subject,
                 self.settings.stream,
-                "ephemeral" if ephemeral else f"durable {self.settings.durable!r}",
+                "durable" if self.settings.durable else "ephemeral",
+                self.consumer,
+                self.replica,
             )
             next_info = 0.0
             while not self._closing:
                 if time.monotonic() >= next_info:
                     await self._refresh_lag(psub)
                     next_info = time.monotonic() + LAG_REFRESH_S
+                if renewal is not None and renewal.done():
+                    renewal.result()  # LeaseLost: stop pulling this consumer, claim again
                 try:
                     msgs = await psub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
                 except TimeoutError:  # nats-py also raises the builtin one from inside
@@ -172,16 +194,51 @@ class Relay:
                     await self._handle(msg)
         finally:
             self.subscribed = False
+            if renewal is not None:
+                renewal.cancel()
+                await asyncio.wait({renewal})
+                if not renewal.cancelled():
+                    renewal.exception()  # retrieved: raised above already, or moot now
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
+    async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
+        """Bind our own consumer: a leased durable name, a fixed one, or an ephemeral."""
+        s = self.settings
+        config = ConsumerConfig(
+            # A new consumer starts at the newest message; the floor skips it if primed.
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.EXPLICIT,
+            max_ack_pending=FETCH_BATCH * 4,
+            filter_subject=s.subject,
+        )
+        if not s.durable:
+            config.inactive_threshold = EPHEMERAL_INACTIVE_S
+            psub = await js.pull_subscribe(s.subject, stream=s.stream, config=config)
+            self.consumer = (await psub.consumer_info()).name
+            return psub
+        name = s.durable if self._lease is None else await self._lease.acquire(js)
+        config.durable_name = name
+        # The server deletes a durable nobody pulls from for this long: consumers of
+        # replicas that are gone do not pile up. Also applied to an existing durable.
+        config.inactive_threshold = s.consumer_inactive_s
+        try:
+            await js.add_consumer(s.stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            log.warning("consumer %r has another configuration; using it as is (%s)", name, exc)
+        self.consumer = name
+        return await js.pull_subscribe_bind(consumer=name, stream=s.stream)
+
     async def _ensure_stream(self, js: JetStreamContext) -> None:
-        if await ensure_stream(js, self.settings.stream, self.settings.subject):
+        replicas = self.settings.stream_replicas
+        if await ensure_stream(js, self.settings.stream, self.settings.subject, replicas):
             log.info("created stream %s for %s", self.settings.stream, self.settings.subject)
         # A stream that was deleted and recreated (or lost with a server's data) numbers
         # its messages from 1 again: then the floor from the old stream must go. Its
         # creation time tells; a last sequence below the floor too, if that is unknown.
         info = await js.stream_info(self.settings.stream)
+        if self._lease is not None:  # the leases are as available as the stream they name
+            self._lease.replicas = info.config.num_replicas or 1
         recreated = self._stream_created is not None and info.created != self._stream_created
         if recreated or info.state.last_seq < self._floor:
             log.warning("stream %s was reset; following its new sequence", self.settings.stream)
@@ -210,6 +267,7 @@ class Relay:
     async def _handle(self, msg: Msg) -> None:
         self.metrics.messages_received.inc()
         meta = msg.metadata
+        self._watch_sharing(meta.sequence.consumer)
         seq, published_at = meta.sequence.stream, meta.timestamp.timestamp()
         if meta.num_pending > MAX_BEHIND:
             # The relay is behind (overload, or a backlog): newer states are already
@@ -229,6 +287,20 @@ class Relay:
             # whose socket takes the frame at once gets every frame; only one that is
             # still busy sending has it replaced (conflation).
             await asyncio.sleep(0)
+
+    def _watch_sharing(self, delivery_seq: int) -> None:
+        change = self.sharing.observe(delivery_seq, time.monotonic())
+        if change is True:
+            self.metrics.consumer_shared.set(1)
+            log.warning(
+                "another process is pulling from consumer %r: this replica misses the "
+                "messages delivered to it; give every replica its own consumer "
+                "(GATEWAY_CONSUMER_LEASE=1, or a distinct GATEWAY_DURABLE)",
+                self.consumer,
+            )
+        elif change is False:
+            self.metrics.consumer_shared.set(0)
+            log.info("consumer %r: no sign of another process any more", self.consumer)
 
     def _offer(self, seq: int, data: bytes, published_at: float) -> bool:
         """Relay the message if it is newer than the current state and valid."""
@@ -270,8 +342,8 @@ class Relay:
             "messaging.message.id": str(seq),
             "messaging.message.body.size": len(msg.data),
         }
-        if self.settings.durable:
-            attributes["messaging.consumer.group.name"] = self.settings.durable
+        if self.settings.durable and self.consumer:
+            attributes["messaging.consumer.group.name"] = self.consumer
         return tracer.start_as_current_span(
             f"process {self.settings.subject}",
             context=parent,
@@ -284,6 +356,9 @@ class Relay:
         nc = self._nc
         if nc is None or nc.is_closed:
             return
+        if self._lease is not None and nc.is_connected:
+            with contextlib.suppress(TimeoutError):  # the TTL frees it anyway
+                await asyncio.wait_for(self._lease.release(), RELEASE_TIMEOUT_S)
         try:
             if nc.is_connected:
                 await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT_S)
@@ -305,6 +380,7 @@ class Relay:
 
     async def _on_reconnected(self) -> None:
         self.metrics.nats_connected.set(1)
+        self.sharing.reset(time.monotonic(), reconnected=True)
         log.info("reconnected to NATS at %s", self._server_shown())
 
     async def _on_error(self, exc: Exception) -> None:
@@ -316,8 +392,8 @@ class Relay:
         log.debug("NATS error: %s: %s", type(exc).__name__, exc)
 
 
-async def ensure_stream(js: JetStreamContext, stream: str, subject: str) -> bool:
-    """Create `stream` (bounded) if it is missing; never alter one that exists.
+async def ensure_stream(js: JetStreamContext, stream: str, subject: str, replicas: int = 1) -> bool:
+    """Create `stream` (bounded, `replicas` copies) if it is missing; never alter one that exists.
 
     Returns True if this call created it. The stream normally belongs to the Core service.
     """
@@ -333,6 +409,7 @@ async def ensure_stream(js: JetStreamContext, stream: str, subject: str) -> bool
         max_msgs_per_subject=STREAM_MAX_MSGS_PER_SUBJECT,
         max_age=STREAM_MAX_AGE_S,
         allow_direct=True,
+        num_replicas=replicas,
     )
     try:
         await js.add_stream(config)

@@ -35,7 +35,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     subject: str = "levels.signals"
     """Subject relayed to clients (`GATEWAY_SUBJECT`)."""
     durable: str = "gateway_levels"
-    """Durable consumer name; empty = an ephemeral consumer per process (`GATEWAY_DURABLE`)."""
+    """Durable consumer (base) name; empty = an ephemeral consumer per process
+    (`GATEWAY_DURABLE`). With leases each replica claims `<name>`, `<name>_2`, ..."""
+    consumer_lease: bool = True
+    """Claim the durable's name through a lease in NATS KV, so replicas with one
+    environment never share a consumer (`GATEWAY_CONSUMER_LEASE`, 0 = use it as given)."""
+    lease_ttl_s: float = 10.0
+    """A dead replica's consumer name is free again after this long (`GATEWAY_LEASE_TTL_S`)."""
+    consumer_inactive_s: float = 600.0
+    """The server deletes a durable nobody pulled from for this long
+    (`GATEWAY_CONSUMER_INACTIVE_S`): consumers of gone replicas do not pile up."""
+    replica_id: str = ""
+    """This replica's identity in leases and logs; empty = the hostname (`GATEWAY_REPLICA_ID`)."""
+    stream_replicas: int = 1
+    """Copies of the stream and the lease bucket when the gateway creates them
+    (`GATEWAY_STREAM_REPLICAS`; 3 on a 3-node cluster)."""
     max_connections: int = 10_000
     """Clients beyond this are accepted then closed with 1013 (`GATEWAY_MAX_CONNECTIONS`)."""
     allowed_origins: frozenset[str] = frozenset()
@@ -72,7 +86,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             port=_number(env, "GATEWAY_PORT", int, 8000, 0, 65_535),
             stream=_text(env, "GATEWAY_STREAM", "LEVEL_SIGNALS"),
             subject=_text(env, "GATEWAY_SUBJECT", "levels.signals"),
-            durable=env.get("GATEWAY_DURABLE", "gateway_levels").strip(),
+            durable=_name(env, "GATEWAY_DURABLE", "gateway_levels"),
+            consumer_lease=_flag(env, "GATEWAY_CONSUMER_LEASE", default=True),
+            lease_ttl_s=_number(env, "GATEWAY_LEASE_TTL_S", float, 10.0, 2.0, 300.0),
+            consumer_inactive_s=_number(
+                env, "GATEWAY_CONSUMER_INACTIVE_S", float, 600.0, 1.0, 30 * 86_400.0
+            ),
+            replica_id=env.get("GATEWAY_REPLICA_ID", "").strip(),
+            stream_replicas=_number(env, "GATEWAY_STREAM_REPLICAS", int, 1, 1, 5),
             max_connections=_number(env, "GATEWAY_MAX_CONNECTIONS", int, 10_000, 1, 10_000_000),
             allowed_origins=_origins(env.get("GATEWAY_ALLOWED_ORIGINS", "")),
             auth_token=env.get("GATEWAY_AUTH_TOKEN", "").strip(),
@@ -115,6 +136,16 @@ def _text(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, default).strip()
     if not value:
         raise SettingsError(f"{name} must not be empty")
+    return value
+
+
+def _name(env: Mapping[str, str], name: str, default: str) -> str:
+    """A JetStream consumer name (may be empty): letters, digits, `_` and `-` only."""
+    value = env.get(name, default).strip()
+    if len(value) > 200 or not all(c.isascii() and (c.isalnum() or c in "_-") for c in value):
+        raise SettingsError(
+            f"{name} may hold only letters, digits, _ and - (at most 200), got {value!r}"
+        )
     return value
 
 

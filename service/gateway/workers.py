@@ -88,14 +88,22 @@ def _worker(settings: Settings, index: int, sock: socket.socket) -> None:
 
     _exit_with_parent()
     logs.configure(settings.log_format)
+    # Each worker has its own consumer: a leased name of its own, or `<durable>_<n>`.
+    fixed_name = settings.durable and not settings.consumer_lease
     settings = msgspec.structs.replace(
         settings,
-        durable=f"{settings.durable}_{index}" if settings.durable else "",
+        durable=f"{settings.durable}_{index}" if fixed_name else settings.durable,
+        # Workers share a port: the index tells them apart (the port was bound already).
+        replica_id=f"{settings.replica_id or _host_port(sock)}/w{index}",
         # The cap is the service's: each worker takes its share (rounded up).
         max_connections=-(-settings.max_connections // settings.workers),
     )
     tracer_provider = tracing.provider_from_env(os.environ, default_service="gateway")
     asyncio.run(Gateway(settings, tracer_provider=tracer_provider).serve(sockets=[sock]))
+
+
+def _host_port(sock: socket.socket) -> str:
+    return f"{socket.gethostname()}:{sock.getsockname()[1]}"
 
 
 def _exit_with_parent() -> None:
