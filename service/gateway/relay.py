@@ -49,7 +49,13 @@ from gateway.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
-FETCH_BATCH = 256  # a resume backlog drains in few round trips
+# One message per pull request. A batched fetch in nats-py waits after its first message
+# for an end-of-batch status, which never comes when the message answered a request the
+# fetch did not send (one orphaned by a late 408, nats-io/nats.py #986): it held messages
+# up to a second (tests/test_pull.py). A single-message fetch returns whatever reaches
+# the inbox at once. The cost: a backlog drains at one round trip per message.
+FETCH_BATCH = 1
+MAX_ACK_PENDING = 1024
 FETCH_TIMEOUT_S = 1.0  # bounds how stale the loop can be; a lost pull request costs this much
 LAG_REFRESH_S = 1.5  # consumer info (lag, and "does my consumer still exist?") this often
 RETRY_S = 1.0  # pause before rebinding after the stream or consumer went away
@@ -209,7 +215,7 @@ class Relay:
             # A new consumer starts at the newest message; the floor skips it if primed.
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             ack_policy=AckPolicy.EXPLICIT,
-            max_ack_pending=FETCH_BATCH * 4,
+            max_ack_pending=MAX_ACK_PENDING,
             filter_subject=s.subject,
         )
         if not s.durable:
