@@ -658,3 +658,39 @@ async def test_client_dropped_for_stalling_releases_its_socket(
     finally:
         for sock in stalled:
             sock.close()
+
+
+async def test_a_client_whose_socket_raises_anything_is_dropped_alone(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection: one client's transport raises an unexpected error; the others keep
+    every frame and the relay never takes it for a NATS failure."""
+    registry = CollectorRegistry()
+    async with (
+        running_gateway(make_settings(nats_server.url), registry) as gw,
+        jetstream(nats_server.url) as js,
+    ):
+        await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+        clients = [await websockets.connect(ws_url(gw)) for _ in range(3)]
+        try:
+            await wait_until(lambda: len(gw.hub.active_connections) == 3, what="three clients")
+            broken = next(iter(gw.hub.active_connections))
+
+            def explode(frame: bytes) -> bool:
+                raise ValueError("transport in a state nobody planned for")
+
+            broken.sink._direct.write_frame = explode  # type: ignore[attr-defined]
+            for n in range(10):
+                await publish_json(js, {"n": n})
+            await wait_until(lambda: broken.dropped, what="the broken client to be dropped")
+            survivors = []
+            for ws in clients:
+                with contextlib.suppress(ConnectionClosed):
+                    survivors.append([(await recv_json(ws))["n"] for _ in range(10)])
+            assert survivors == [list(range(10))] * 2, "the two others got every frame"
+            assert sample(registry, "gateway_send_failures_total") == 1
+            assert sample(registry, "gateway_messages_received_total") == 10
+            assert gw.relay.ready
+        finally:
+            await asyncio.gather(*(ws.close() for ws in clients))
+    assert rebinds(caplog) == 0

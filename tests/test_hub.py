@@ -233,6 +233,46 @@ async def test_connection_reset_ends_only_that_client() -> None:
         assert h.sample("gateway_messages_sent_total") == 2
 
 
+class BrokenWriteSink(FakeSink):
+    """A socket whose direct write raises something nobody expected."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def write_now(self, wire: bytes) -> bool:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "make_sink",
+    [
+        pytest.param(lambda: FakeSink(fail=ValueError("bad state")), id="send-raises-ValueError"),
+        pytest.param(lambda: FakeSink(fail=KeyError("x")), id="send-raises-KeyError"),
+        pytest.param(lambda: BrokenWriteSink(TypeError("no")), id="write-raises-TypeError"),
+        pytest.param(lambda: BrokenWriteSink(AttributeError("gone")), id="write-raises-AttrError"),
+    ],
+)
+async def test_any_error_from_one_client_drops_only_that_client(
+    make_sink: Callable[[], FakeSink],
+) -> None:
+    """Whatever one socket raises, that client alone is dropped; broadcast goes on."""
+    async with hub_under_test() as h:
+        before, broken, after = FakeSink(), make_sink(), FakeSink()
+        await h.attach(before)
+        broken_client = await h.attach(broken)
+        await h.attach(after)
+        for n in (1, 2, 3):
+            h.hub.broadcast(frame(n))  # must not raise: the relay would take it for NATS
+        await h.ended(broken_client)
+        await wait_until(
+            lambda: before.frames == after.frames == [frame(n).text for n in (1, 2, 3)],
+            what="the healthy clients to get every frame",
+        )
+        assert broken_client.dropped
+        assert h.sample("gateway_send_failures_total") == 1
+
+
 async def test_peer_that_leaves_is_forgotten_without_close_frame() -> None:
     """A client whose peer left (mid-send, even) is removed; no close frame is sent to it."""
     async with hub_under_test() as h:

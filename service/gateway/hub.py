@@ -17,6 +17,8 @@ never waits for a socket, so one slow or dead client cannot delay the others:
   replaced there before it was sent is counted as conflated.
 - A client whose send stalls past the timeout is dropped, alone: its handler task is
   cancelled, which ends the connection.
+- Whatever one client's socket raises (a peer gone, or anything unexpected) drops that
+  client alone: the fan-out goes on to the others and never fails the relay.
 
 Needs nothing but the standard library and our metrics: sockets come in through `Sink`.
 """
@@ -134,7 +136,7 @@ class SocketBroadcaster:
                 client._pending = frame
                 continue
             wire = wire or websocket_text_frame(frame.text.encode())
-            if client.sink.write_now(wire) or self._send_now(client, frame):
+            if self._write_or_send(client, frame, wire):
                 sent += 1
         metrics = self.metrics
         if sent:
@@ -148,9 +150,26 @@ class SocketBroadcaster:
     def _deliver(self, client: Client, frame: Frame) -> None:
         """Send one frame to an idle client now, counting it if it went out at once."""
         wire = websocket_text_frame(frame.text.encode())
-        if client.sink.write_now(wire) or self._send_now(client, frame):
+        if self._write_or_send(client, frame, wire):
             self.metrics.messages_sent.inc()
             self.metrics.delivery_lag.observe(max(0.0, self.clock() - frame.published_at))
+
+    def _write_or_send(self, client: Client, frame: Frame, wire: bytes) -> bool:
+        """Write `wire` directly, or start the ASGI send; True if it went out at once.
+
+        The one error boundary per client inside the fan-out: anything its socket raises
+        drops that client, counted, and the loop goes on with the next one.
+        """
+        try:
+            return client.sink.write_now(wire) or self._send_now(client, frame)
+        except (OSError, RuntimeError):  # the peer went away (uvicorn's ClientDisconnected)
+            self.metrics.send_failures.inc()
+            self._drop(client)
+        except Exception as exc:
+            self.metrics.send_failures.inc()
+            log.warning("client dropped: its send failed (%s: %s)", type(exc).__name__, exc)
+            self._drop(client)
+        return False
 
     def _send_now(self, client: Client, frame: Frame) -> bool:
         """Start the ASGI send of `frame`; True if it completed at once.
@@ -163,10 +182,9 @@ class SocketBroadcaster:
             waiting_on = send.send(None)
         except StopIteration:
             return True
-        except (OSError, RuntimeError):  # the peer went away (uvicorn's ClientDisconnected)
-            self.metrics.send_failures.inc()
-            self._drop(client)
-            return False
+        except BaseException:
+            send.close()
+            raise
         client._writer = asyncio.create_task(
             self._write(client, frame, _resume(send, waiting_on)), name="gateway-writer"
         )
@@ -201,6 +219,10 @@ class SocketBroadcaster:
             return False
         except OSError:  # the peer went away mid-send (uvicorn's ClientDisconnected)
             self.metrics.send_failures.inc()
+            return False
+        except Exception as exc:  # this client's fault alone, whatever it is
+            self.metrics.send_failures.inc()
+            log.warning("client dropped: its send failed (%s: %s)", type(exc).__name__, exc)
             return False
         return True
 
