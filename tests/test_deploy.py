@@ -40,10 +40,24 @@ ALERTS = GRAFANA / "prometheus" / "alerts.yml"
 ALERTS_TEST = GRAFANA / "prometheus" / "alerts_test.yml"
 COLLECTOR = GRAFANA / "otel-collector" / "config.yaml"
 TEMPO = GRAFANA / "tempo" / "tempo.yaml"
+HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 
 DASHBOARD_UID = "gateway-overview"  # links and bookmarks point at it: never change it
 # Images whose healthcheck cannot be written: no shell and no HTTP client inside.
-NO_HEALTHCHECK_TOOL = {"nats-exporter", "otel-collector", "tempo"}
+NO_HEALTHCHECK_TOOL = {"nats-exporter", "nats-exporter-fleet", "otel-collector", "tempo"}
+# `docker compose up`: the single-replica stack. `--profile fleet` adds FLEET beside it.
+DEFAULT_SERVICES = {
+    "nats",
+    "nats-exporter",
+    "gateway",
+    "publisher",
+    "prometheus",
+    "otel-collector",
+    "tempo",
+    "grafana",
+}
+FLEET_NODES = ("nats-1", "nats-2", "nats-3")
+FLEET = {*FLEET_NODES, "nats-exporter-fleet", "gateway-fleet", "publisher-fleet", "haproxy"}
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -131,6 +145,36 @@ def mount_target(service: dict[str, Any], source: str) -> str:
         if host.rstrip("/") == source.rstrip("/"):
             return str(container)
     raise AssertionError(f"{source} is not mounted")
+
+
+def options(command: list[str]) -> dict[str, str]:
+    """A command's `-flag value` pairs; a flag followed by another flag maps to ""."""
+    found = {}
+    for flag, value in zip(command, [*command[1:], "-"], strict=True):
+        if flag.startswith("-"):
+            found[flag] = "" if value.startswith("-") else value
+    return found
+
+
+def nats_urls(value: str) -> list[tuple[str, int]]:
+    """(host, port) of each URL of a comma-separated list."""
+    urls = [urlsplit(url.strip()) for url in value.split(",")]
+    return [(str(url.hostname), int(url.port or 0)) for url in urls]
+
+
+def haproxy_sections() -> dict[str, list[str]]:
+    """haproxy.cfg as {"backend gateway_fleet": [its lines], ...}, comments dropped."""
+    sections: dict[str, list[str]] = {}
+    lines: list[str] = []
+    for raw in HAPROXY_CFG.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not raw[0].isspace():
+            lines = sections.setdefault(line, [])
+        else:
+            lines.append(line)
+    return sections
 
 
 def _run(*args: str) -> str:
@@ -247,8 +291,10 @@ def test_compose_services_are_health_checked_where_the_image_allows() -> None:
         own = service.get("healthcheck", {})
         if own.get("test") or ("build" in service and image_has_healthcheck and not own):
             checked.add(name)
-    assert services["publisher"]["healthcheck"] == {"disable": True}  # serves no HTTP
-    assert set(services) - checked == NO_HEALTHCHECK_TOOL | {"publisher"}
+    publishers = {"publisher", "publisher-fleet"}
+    for publisher in publishers:
+        assert services[publisher]["healthcheck"] == {"disable": True}  # serves no HTTP
+    assert set(services) - checked == NO_HEALTHCHECK_TOOL | publishers
     for name, service in services.items():
         for dependency, condition in service.get("depends_on", {}).items():
             if condition["condition"] == "service_healthy":
@@ -412,18 +458,47 @@ def test_dashboard_shows_every_contract_metric() -> None:
 # --- Prometheus and alerts ------------------------------------------------------------------
 
 
-def test_prometheus_scrapes_the_gateway_and_nats_and_loads_the_rules() -> None:
-    """Scrape targets are compose services on their real ports; the config dir is mounted."""
+def scrape_targets(job: dict[str, Any]) -> list[tuple[str, int]]:
+    """(host or DNS name, port) of each static target and each DNS-discovered name."""
+    found = []
+    for config in job.get("static_configs", []):
+        for target in config["targets"]:
+            host, port = target.split(":")
+            found.append((host, int(port)))
+    for config in job.get("dns_sd_configs", []):
+        assert config["type"] == "A", "compose DNS has A records, no SRV"
+        found += [(name, int(config["port"])) for name in config["names"]]
+    return found
+
+
+def test_prometheus_finds_every_gateway_replica_by_dns() -> None:
+    """job="gateway" resolves `gateway` and `gateway-fleet` (every replica) on the gateway's
+    port; `instance` stays the replica's address, `service` names its compose service."""
+    services = compose()["services"]
+    jobs = {job["job_name"]: job for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
+    gateway = jobs["gateway"]
+    assert "static_configs" not in gateway
+    port = Settings().port
+    assert sorted(scrape_targets(gateway)) == [("gateway", port), ("gateway-fleet", port)]
+    assert any(p.endswith(f":{port}") for p in services["gateway"]["ports"])
+    assert "GATEWAY_PORT" not in services["gateway-fleet"]["environment"]
+    relabels = gateway["relabel_configs"]
+    assert {"source_labels": ["__meta_dns_name"], "target_label": "service"} in relabels
+    assert all(r.get("target_label") != "instance" for r in relabels), "one instance a replica"
+
+
+def test_prometheus_scrapes_compose_services_and_loads_the_rules() -> None:
+    """Every target is a compose service (by name or DNS) on the port it serves; the fleet's
+    exporter and HAProxy are scraped too; the config dir is mounted."""
     services = compose()["services"]
     config = load_yaml(PROMETHEUS_CONFIG)
-    targets = {
-        job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
-        for job in config["scrape_configs"]
-    }
-    assert targets["gateway"] == ["gateway:8000"]
-    (nats_target,) = targets["nats"]
-    assert nats_target.split(":")[0] == "nats-exporter"
-    assert "nats-exporter" in services
+    targets = {job["job_name"]: scrape_targets(job) for job in config["scrape_configs"]}
+    for job, found in targets.items():
+        for host, _ in found:
+            assert host in services or (job, host) == ("prometheus", "localhost"), host
+    assert targets["nats"] == [("nats-exporter", 7777)]
+    assert targets["nats-fleet"] == [("nats-exporter-fleet", 7777)]
+    assert targets["haproxy"] == [("haproxy", 8404)]
     assert config["rule_files"] == [ALERTS.name]
     prometheus = services["prometheus"]
     config_dir = mount_target(prometheus, "./grafana/prometheus")
@@ -464,3 +539,164 @@ def test_connection_alert_fires_at_90_percent_of_the_default_cap() -> None:
     match = re.fullmatch(r"gateway_connections_active > (\d+)", rule["expr"])
     assert match, rule["expr"]
     assert float(match[1]) == 0.9 * Settings().max_connections
+
+
+# --- the fleet profile ----------------------------------------------------------------------
+
+
+def test_default_stack_is_unchanged_and_the_fleet_is_opt_in() -> None:
+    """`docker compose up` runs exactly the single-replica stack; every fleet service
+    carries `profiles: [fleet]`, and no default service needs one of them."""
+    services = compose()["services"]
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == DEFAULT_SERVICES
+    assert set(services) - default == FLEET
+    for name in FLEET:
+        assert services[name]["profiles"] == ["fleet"], name
+    for name in default:
+        assert set(services[name].get("depends_on", {})) <= default, name
+
+
+def test_fleet_nats_nodes_form_one_cluster() -> None:
+    """Three JetStream nodes like `nats`, each routed to the other two, one cluster name,
+    each with its own volume."""
+    services = compose()["services"]
+    single = services["nats"]
+    cluster_names, volumes = set(), []
+    for name in FLEET_NODES:
+        node = services[name]
+        opts = options(node["command"])
+        assert node["image"] == single["image"]
+        assert node["healthcheck"] == single["healthcheck"]
+        assert opts["--name"] == name
+        assert "-js" in opts
+        assert opts["-m"] == "8222"
+        cluster_names.add(opts["--cluster_name"])
+        assert opts["--cluster"] == "nats://0.0.0.0:6222"
+        routes = nats_urls(opts["--routes"])
+        assert sorted(routes) == [(other, 6222) for other in FLEET_NODES if other != name]
+        ((volume, target),) = [v.split(":") for v in node["volumes"]]
+        assert target == opts["-sd"]
+        assert volume in compose()["volumes"]
+        volumes.append(volume)
+        assert "ports" not in node, "only the fleet talks to the cluster"
+    assert len(cluster_names) == 1
+    assert len(set(volumes)) == len(FLEET_NODES)
+
+
+def test_fleet_gateways_are_identical_replicas_on_every_node() -> None:
+    """gateway-fleet: the gateway's image and limits, 3 replicas with one environment that
+    names every node and asks for 3 stream replicas; the fleet publisher uses the same."""
+    services = compose()["services"]
+    single, fleet = services["gateway"], services["gateway-fleet"]
+    assert fleet["deploy"]["replicas"] == 3
+    for key in ("build", "image", "init", "command", "ulimits", "stop_grace_period"):
+        assert fleet[key] == single[key], key
+    assert "ports" not in fleet, "three replicas cannot share a host port: HAProxy fronts them"
+    env = fleet["environment"]
+    otel = {k: v for k, v in single["environment"].items() if k.startswith("OTEL_")}
+    assert {k: v for k, v in env.items() if k.startswith("OTEL_")} == otel
+    assert nats_urls(env["NATS_URL"]) == [(node, 4222) for node in FLEET_NODES]
+    settings = Settings.from_env(env)
+    assert len(settings.nats_servers) == len(FLEET_NODES)
+    assert settings.stream_replicas == len(FLEET_NODES)
+    healthy = {"condition": "service_healthy"}
+    for node in FLEET_NODES:
+        assert fleet["depends_on"][node] == healthy
+
+    publisher = services["publisher-fleet"]
+    assert publisher["image"] == single["image"]
+    assert publisher["command"] == services["publisher"]["command"]
+    for key in ("NATS_URL", "GATEWAY_STREAM_REPLICAS"):
+        assert publisher["environment"][key] == env[key]
+    assert all(publisher["depends_on"][node] == healthy for node in FLEET_NODES)
+
+
+def test_fleet_nats_exporter_watches_every_node() -> None:
+    """One exporter, one `id,url` argument per node's monitoring port."""
+    command = compose()["services"]["nats-exporter-fleet"]["command"]
+    servers = [arg.split(",") for arg in command if not arg.startswith("-")]
+    assert servers == [[node, f"http://{node}:8222"] for node in FLEET_NODES]
+
+
+def test_haproxy_fronts_the_fleet_with_the_repo_config() -> None:
+    """HAProxy mounts deploy/haproxy/haproxy.cfg read-only, publishes the ports that file
+    binds, finds the replicas through Docker's DNS and checks /ready."""
+    services = compose()["services"]
+    haproxy = services["haproxy"]
+    assert re.fullmatch(r"haproxy:2\.6\.\d+", haproxy["image"]), "the 2.6 LTS line, pinned"
+    (volume,) = haproxy["volumes"]
+    assert volume == f"./{HAPROXY_CFG.relative_to(ROOT)}:/usr/local/etc/haproxy/haproxy.cfg:ro"
+    assert haproxy["depends_on"] == {"gateway-fleet": {"condition": "service_started"}}
+    if not HAPROXY_CFG.exists():
+        pytest.skip("deploy/haproxy/haproxy.cfg is not written yet")
+    sections = haproxy_sections()
+    binds = {}
+    for name, lines in sections.items():
+        for line in lines:
+            if match := re.fullmatch(r"bind \S*:(\d+)", line):
+                binds[name] = int(match[1])
+    published = sorted(int(port.split(":")[2]) for port in haproxy["ports"])
+    assert sorted(binds.values()) == published
+
+    (template,) = [
+        line.split()
+        for lines in sections.values()
+        for line in lines
+        if line.startswith("server-template ")
+    ]
+    _, _, slots, address, *params = template
+    assert address == f"gateway-fleet:{Settings().port}"
+    assert int(slots) >= services["gateway-fleet"]["deploy"]["replicas"]
+    resolvers = params[params.index("resolvers") + 1]
+    assert "nameserver dns 127.0.0.11:53" in sections[f"resolvers {resolvers}"]
+    assert any(line == "option httpchk GET /ready" for lines in sections.values() for line in lines)
+
+    # Prometheus scrapes, and the healthcheck asks, the frontend that serves the metrics.
+    (stats,) = [
+        name
+        for name, lines in sections.items()
+        if any("prometheus-exporter" in line for line in lines)
+    ]
+    jobs = {job["job_name"]: job for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
+    assert scrape_targets(jobs["haproxy"]) == [("haproxy", binds[stats])]
+    (monitor,) = [line.split()[1] for line in sections[stats] if line.startswith("monitor-uri ")]
+    probe = haproxy["healthcheck"]["test"][-1]
+    assert f"/dev/tcp/127.0.0.1/{binds[stats]}" in probe
+    assert f"GET {monitor} " in probe
+
+
+def test_published_ports_bind_loopback_only() -> None:
+    """Every published port, default or fleet, listens on 127.0.0.1 only."""
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert re.fullmatch(r"127\.0\.0\.1:\d+:\d+", port), f"{name}: {port}"
+
+
+def test_dashboard_has_a_replicas_row_with_one_series_per_replica() -> None:
+    """The "Replicas" row: ready replicas, and per instance the connections, delivery lag
+    p99, messages in and NATS state."""
+    board = dashboard()
+    rows = [p for p in board["panels"] if p["type"] == "row"]
+    (row,) = [r for r in rows if r["title"] == "Replicas"]
+    after = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > row["gridPos"]["y"]]
+    end = min(after, default=10**6)
+    inside = {
+        p["title"]: [t["expr"] for t in p["targets"]]
+        for p in board["panels"]
+        if row["gridPos"]["y"] < p["gridPos"]["y"] < end
+    }
+    assert 'sum(up{job="gateway"})' in inside.pop("Ready replicas")
+    wanted = {
+        "gateway_connections_active",
+        "gateway_delivery_lag_seconds_bucket",
+        "gateway_messages_received_total",
+        "gateway_nats_connected",
+    }
+    shown = set()
+    for title, exprs in inside.items():
+        (expr,) = exprs
+        assert re.search(r"\bby \([^)]*\binstance\b", expr), f"{title}: not per instance"
+        assert 'job="gateway"' in expr
+        shown |= metric_names(expr)
+    assert shown == wanted

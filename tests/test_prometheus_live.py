@@ -1,32 +1,35 @@
-"""The dashboard and the alert rules against a real Prometheus scraping a real gateway.
+"""The dashboard and the alert rules against a real Prometheus scraping real gateways.
 
-nats-server, a gateway and a synthetic publisher run as child processes, one WebSocket
-client reads frames (so delivery metrics move), and Debian's `prometheus` scrapes the
-gateway every second with the repo's own prometheus.yml, its targets rewritten to local
-ports, and the repo's alerts.yml. Then every PromQL expression of the dashboard must return
-data and every alert expression must evaluate without error.
+nats-server, gateways and a synthetic publisher run as child processes, one WebSocket
+client per gateway reads frames (so delivery metrics move), and Debian's `prometheus`
+scrapes every second with the repo's own prometheus.yml and alerts.yml, only its ports
+rewritten to local ones. The gateway job discovers replicas by DNS as in compose: where
+the machine allows it, Prometheus runs in a mount namespace whose /etc/resolv.conf names
+a DNS server of the test, which answers `gateway-fleet` with two loopback addresses, one
+gateway on each; elsewhere each DNS name becomes the static targets its answer would give,
+labelled as DNS discovery labels them, so the relabelling runs either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+import websockets
 import yaml
-from websockets.sync.client import connect
 
 from gateway.natsserver import NatsServer
 from test_deploy import (
@@ -38,30 +41,40 @@ from test_deploy import (
     template_queries,
 )
 
-from conftest import GatewayProcess, seconds
+from conftest import GatewayProcess, seconds, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or shutil.which("prometheus", path="/usr/bin")
-pytestmark = pytest.mark.skipif(
-    PROMETHEUS is None, reason="prometheus is not installed (apt-get install -y prometheus)"
-)
+UNSHARE = shutil.which("unshare")
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(
+        PROMETHEUS is None, reason="prometheus is not installed (apt-get install -y prometheus)"
+    ),
+]
 
 # Grafana's variables, as Grafana would expand them for a 1 s scrape interval.
 GRAFANA_VARIABLES = {"__rate_interval": "10s", "__interval": "1s", "instance": ".+"}
+# The compose ports the local processes stand in for.
+GATEWAY_PORT, PROMETHEUS_PORT = 8000, 9090
+# The test's DNS server: port 53 is fixed (resolv.conf cannot name another), the address
+# is one no system resolver uses (systemd-resolved is 127.0.0.53).
+DNS_HOST = "127.53.0.1"
+# The fleet's replicas: one gateway per loopback address, all on one port, as compose
+# replicas are one address each on one port.
+REPLICA_HOSTS = ("127.0.0.2", "127.0.0.3")
+# "by (... instance ...)": a query that draws one series per replica.
+PER_REPLICA = re.compile(r"\bby\s*\([^)]*\binstance\b")
 
 
-def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Call `check` until it returns true; fail after `timeout` (scaled) seconds."""
-    deadline = time.monotonic() + seconds(timeout)
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds(timeout):.0f}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(*hosts: str) -> int:
+    """A port free on every one of `hosts` (bound on all at once, then released)."""
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(socket.socket())
+        first.bind((hosts[0], 0))
+        port = int(first.getsockname()[1])
+        for host in hosts[1:]:
+            stack.enter_context(socket.socket()).bind((host, port))
+        return port
 
 
 def expand(expr: str) -> str:
@@ -69,21 +82,135 @@ def expand(expr: str) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: GRAFANA_VARIABLES[m[1]], expr)
 
 
-def local_config(targets: dict[str, str]) -> dict[str, Any]:
-    """The repo's prometheus.yml with 1 s intervals, local targets and absolute rule files.
+def local_config(
+    zone: Mapping[str, Sequence[str]], ports: Mapping[int, int], *, dns: bool
+) -> dict[str, Any]:
+    """The repo's prometheus.yml, run here: 1 s intervals, absolute rule files, local ports.
 
-    Jobs with no local counterpart (the NATS exporter) are dropped.
+    `ports` maps a port of the compose stack to the local port standing in for it; jobs on
+    other ports (the NATS exporters, HAProxy) are dropped. Static targets move to
+    127.0.0.1. DNS-discovered jobs keep their names: with `dns` the test's DNS server
+    answers them from `zone` (name -> addresses); without, each name becomes the static
+    targets its addresses would give, labelled `__meta_dns_name` as discovery labels them.
     """
-    config = load_yaml(PROMETHEUS_CONFIG)
-    assert set(targets) <= {job["job_name"] for job in config["scrape_configs"]}
+    config: dict[str, Any] = load_yaml(PROMETHEUS_CONFIG)
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / f) for f in config["rule_files"]]
-    config["scrape_configs"] = [
-        {**job, "static_configs": [{"targets": [targets[job["job_name"]]]}]}
-        for job in config["scrape_configs"]
-        if job["job_name"] in targets
-    ]
+    jobs = []
+    for job in config["scrape_configs"]:
+        discovered = job.pop("dns_sd_configs", [])
+        static = job.pop("static_configs", [])
+        assert set(job) <= {"job_name", "relabel_configs"}, f"{job['job_name']}: update me"
+        if discovered:
+            assert all(c["type"] == "A" for c in discovered)
+            if any(c["port"] not in ports for c in discovered):
+                continue
+            if dns:
+                job["dns_sd_configs"] = [
+                    {**c, "port": ports[c["port"]], "refresh_interval": "1s"} for c in discovered
+                ]
+            else:
+                job["static_configs"] = [
+                    {
+                        "targets": [f"{address}:{ports[c['port']]}" for address in zone[name]],
+                        "labels": {"__meta_dns_name": name},
+                    }
+                    for c in discovered
+                    for name in c["names"]
+                    if name in zone
+                ]
+        else:
+            targets = [t for c in static for t in c["targets"]]
+            if any(int(t.rpartition(":")[2]) not in ports for t in targets):
+                continue
+            job["static_configs"] = [
+                {"targets": [f"127.0.0.1:{ports[int(t.rpartition(':')[2])]}" for t in targets]}
+            ]
+        jobs.append(job)
+    config["scrape_configs"] = jobs
     return config
+
+
+def question_name(query: bytes) -> tuple[str, int]:
+    """The name a DNS query asks about, and the offset just past it."""
+    labels, end = [], 12  # after the header
+    while length := query[end]:
+        labels.append(query[end + 1 : end + 1 + length].decode().lower())
+        end += 1 + length
+    return ".".join(labels), end + 1
+
+
+def dns_answer(query: bytes, zone: Mapping[str, Sequence[str]]) -> bytes:
+    """The reply to one DNS query: the zone's A records for the name, else NXDOMAIN."""
+    ident, flags = struct.unpack(">HH", query[:4])
+    name, end = question_name(query)
+    (qtype,) = struct.unpack(">H", query[end : end + 2])
+    question = query[12 : end + 4]  # name, type, class
+    addresses = zone.get(name)
+    records = (addresses or []) if qtype == 1 else []  # type A only
+    rcode = 3 if addresses is None else 0  # NXDOMAIN: no such name at all
+    # QR (a response) | AA (authoritative) | the query's RD bit | the rcode
+    header = struct.pack(">HHHHHH", ident, 0x8400 | (flags & 0x0100) | rcode, 1, len(records), 0, 0)
+    # Each answer: a pointer to the question's name, type A, class IN, TTL 0, 4 bytes.
+    answers = b"".join(
+        struct.pack(">HHHIH", 0xC00C, 1, 1, 0, 4) + socket.inet_aton(a) for a in records
+    )
+    return header + question + answers
+
+
+class DnsServer(asyncio.DatagramProtocol):
+    """Answers DNS queries over UDP from a fixed zone (the part of Docker's embedded DNS
+    that Prometheus' discovery sees)."""
+
+    def __init__(self, zone: Mapping[str, Sequence[str]]) -> None:
+        self.zone = zone
+        self.transport: asyncio.DatagramTransport | None = None
+        self.queries: list[str] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # What create_datagram_endpoint passes (its class does not subclass the ABC in 3.11).
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        assert self.transport is not None
+        self.queries.append(question_name(data)[0])
+        self.transport.sendto(dns_answer(data, self.zone), addr)
+
+
+@contextlib.asynccontextmanager
+async def dns_server(zone: Mapping[str, Sequence[str]]) -> AsyncIterator[DnsServer]:
+    loop = asyncio.get_running_loop()
+    transport, server = await loop.create_datagram_endpoint(
+        lambda: DnsServer(zone), local_addr=(DNS_HOST, 53)
+    )
+    try:
+        yield server
+    finally:
+        transport.close()
+
+
+def dns_namespace_missing() -> str | None:
+    """Why Prometheus cannot be given the test's DNS server here, or None if it can."""
+    if UNSHARE is None:
+        return "unshare (util-linux) is not installed"
+    probe = [UNSHARE, "--user", "--map-root-user", "--mount", "--", "true"]
+    result = subprocess.run(probe, capture_output=True, text=True, timeout=10, check=False)
+    if result.returncode != 0:
+        return f"no user + mount namespace for Prometheus: {result.stderr.strip()}"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((DNS_HOST, 53))
+        except PermissionError:
+            return "binding the test's DNS server to port 53 needs root or CAP_NET_BIND_SERVICE"
+    return None
+
+
+def with_resolver(args: list[str], resolv_conf: Path) -> list[str]:
+    """`args` run in a user + mount namespace where `resolv_conf` is /etc/resolv.conf."""
+    assert UNSHARE is not None
+    script = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+    wrapper = [UNSHARE, "--user", "--map-root-user", "--mount", "--", "sh", "-c", script]
+    return [*wrapper, str(resolv_conf), *args]
 
 
 @contextlib.contextmanager
@@ -114,92 +241,183 @@ def child(
                     proc.wait()
 
 
-@contextlib.contextmanager
-def reading_client(port: int) -> Iterator[list[str]]:
-    """A WebSocket client of /ws/stream whose frames are appended to the yielded list."""
+@contextlib.asynccontextmanager
+async def reading_client(url: str) -> AsyncIterator[list[str]]:
+    """A WebSocket client of `url` whose frames are appended to the yielded list."""
     frames: list[str] = []
-    with connect(f"ws://127.0.0.1:{port}/ws/stream") as ws:
+    async with websockets.connect(url) as ws:
 
-        def read() -> None:
-            with contextlib.suppress(Exception):  # the socket closes at teardown
-                for frame in ws:
+        async def read() -> None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                async for frame in ws:
                     frames.append(str(frame))
 
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        yield frames
-        ws.close()
-        reader.join(seconds(5))
+        reader = asyncio.create_task(read())
+        try:
+            yield frames
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
 
-def query(http: httpx.Client, expr: str) -> list[Any]:
+async def query(http: httpx.AsyncClient, expr: str) -> list[Any]:
     """Instant query; any PromQL error fails the test with the expression."""
-    response = http.get("/api/v1/query", params={"query": expr})
+    response = await http.get("/api/v1/query", params={"query": expr})
     body = response.json()
     assert body["status"] == "success", f"{expr}\n-> {body.get('error')}"
     return list(body["data"]["result"])
 
 
-def test_dashboard_and_alert_queries_work_against_real_prometheus(
+@contextlib.asynccontextmanager
+async def prometheus(
+    config: dict[str, Any], port: int, tmp_path: Path, resolv_conf: Path | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Prometheus with `config` on `port` (reading `resolv_conf` if given), once ready."""
+    assert PROMETHEUS is not None
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    args = [
+        PROMETHEUS,
+        f"--config.file={config_file}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+    ]
+    if resolv_conf is not None:
+        args = with_resolver(args, resolv_conf)
+    base_url = f"http://127.0.0.1:{port}"
+    with child(args, tmp_path / "prometheus.log") as alive:
+        async with httpx.AsyncClient(base_url=base_url, timeout=5, trust_env=False) as http:
+
+            async def is_ready() -> bool:
+                alive()  # a bad config or rule file stops it at once
+                with contextlib.suppress(httpx.TransportError):
+                    return (await http.get("/-/ready")).status_code == 200
+                return False
+
+            await wait_until(is_ready, 20, "Prometheus to be ready")
+            yield http
+
+
+def has_data(http: httpx.AsyncClient, expr: str) -> Callable[[], Any]:
+    async def check() -> bool:
+        return bool(await query(http, expand(expr)))
+
+    return check
+
+
+async def test_dashboard_and_alert_queries_work_against_real_prometheus(
     nats_server: NatsServer,
     gateway_process: Callable[..., GatewayProcess],
     tmp_path: Path,
 ) -> None:
     """Every dashboard expression returns data; every alert rule evaluates cleanly."""
-    assert PROMETHEUS is not None
     env = {**os.environ, "NATS_URL": nats_server.url}
     gateway_port = gateway_process({"NATS_URL": nats_server.url}).wait_started()
-    prometheus_port = free_port()
-    config = local_config(
-        {"gateway": f"127.0.0.1:{gateway_port}", "prometheus": f"127.0.0.1:{prometheus_port}"}
-    )
-    config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config))
-    prometheus_args = [
-        PROMETHEUS,
-        f"--config.file={config_file}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{prometheus_port}",
-        "--log.level=warn",
-    ]
+    ports = {GATEWAY_PORT: gateway_port, PROMETHEUS_PORT: free_port("127.0.0.1")}
+    config = local_config({"gateway": ["127.0.0.1"]}, ports, dns=False)
     publisher_args = [sys.executable, "-m", "gateway", "publish", "--rate", "20"]
-    with (
-        child(publisher_args, tmp_path / "publisher.log", env),
-        reading_client(gateway_port) as frames,
-        child(prometheus_args, tmp_path / "prometheus.log") as prometheus_alive,
-        httpx.Client(base_url=f"http://127.0.0.1:{prometheus_port}", timeout=5) as http,
-    ):
-        poll(lambda: len(frames) >= 5, 15, "the client to receive frames")
+    with child(publisher_args, tmp_path / "publisher.log", env):
+        async with (
+            reading_client(f"ws://127.0.0.1:{gateway_port}/ws/stream") as frames,
+            prometheus(config, ports[PROMETHEUS_PORT], tmp_path) as http,
+        ):
+            await wait_until(lambda: len(frames) >= 5, 15, "the client to receive frames")
+            await wait_until(
+                has_data(http, 'count_over_time(up{job="gateway"}[1m]) >= 5'),
+                30,
+                "five scrapes of the gateway",
+            )
+            for where, expr in dashboard_queries() + template_queries():
+                # Rates need two samples in their window: allow a few more scrapes.
+                await wait_until(has_data(http, expr), 10, f"data for {where}: {expr}")
 
-        def is_ready() -> bool:
-            prometheus_alive()  # a bad config or rule file stops it at once
-            with contextlib.suppress(httpx.TransportError):
-                return http.get("/-/ready").status_code == 200
-            return False
+            for rule in alert_rules():
+                await query(http, rule["expr"])  # parses and evaluates; need not fire
 
-        poll(is_ready, 20, "Prometheus to be ready")
-        poll(
-            lambda: bool(query(http, 'count_over_time(up{job="gateway"}[1m]) >= 5')),
+            async def rules_evaluated() -> bool:
+                groups = (await http.get("/api/v1/rules")).json()["data"]["groups"]
+                rules = [r for g in groups if g["file"] == str(ALERTS) for r in g["rules"]]
+                assert len(rules) == len(alert_rules()), "Prometheus did not load alerts.yml"
+                for rule in rules:
+                    assert rule["health"] != "err", f"{rule['name']}: {rule.get('lastError')}"
+                return all(rule["health"] == "ok" for rule in rules)
+
+            await wait_until(rules_evaluated, 10, "every alert rule to be evaluated")
+
+
+@pytest.mark.parametrize("discovery", ["dns", "static"])
+async def test_prometheus_finds_every_replica_and_panels_split_by_replica(
+    discovery: str,
+    nats_server: NatsServer,
+    gateway_process: Callable[..., GatewayProcess],
+    tmp_path: Path,
+) -> None:
+    """Two replicas behind one DNS name: two `gateway` targets up, labelled with their
+    service; each per-replica panel draws one series per replica; "Ready replicas" says 2."""
+    if discovery == "dns" and (reason := dns_namespace_missing()):
+        pytest.skip(reason)
+    env = {**os.environ, "NATS_URL": nats_server.url}
+    port = free_port(*REPLICA_HOSTS)
+    # One environment, as compose gives its replicas; each replica has its own address.
+    replicas = [
+        gateway_process({"NATS_URL": nats_server.url, "GATEWAY_HOST": h, "GATEWAY_PORT": str(port)})
+        for h in REPLICA_HOSTS
+    ]
+    assert all(replica.wait_started() == port for replica in replicas)
+    ports = {GATEWAY_PORT: port, PROMETHEUS_PORT: free_port("127.0.0.1")}
+    # `gateway` (the single-gateway service) does not resolve, as in the fleet-only case.
+    zone = {"gateway-fleet": list(REPLICA_HOSTS)}
+    config = local_config(zone, ports, dns=discovery == "dns")
+    resolv_conf = None
+    if discovery == "dns":
+        resolv_conf = tmp_path / "resolv.conf"
+        resolv_conf.write_text(f"nameserver {DNS_HOST}\n")
+    instances = {f"{host}:{port}" for host in REPLICA_HOSTS}
+    publisher_args = [sys.executable, "-m", "gateway", "publish", "--rate", "20"]
+    async with contextlib.AsyncExitStack() as stack:
+        stack.enter_context(child(publisher_args, tmp_path / "publisher.log", env))
+        clients = [
+            await stack.enter_async_context(reading_client(f"ws://{i}/ws/stream"))
+            for i in sorted(instances)
+        ]
+        dns = await stack.enter_async_context(dns_server(zone)) if resolv_conf else None
+        http = await stack.enter_async_context(
+            prometheus(config, ports[PROMETHEUS_PORT], tmp_path, resolv_conf)
+        )
+        await wait_until(lambda: all(len(f) >= 5 for f in clients), 15, "frames on every replica")
+
+        async def both_targets_up() -> bool:
+            body = (await http.get("/api/v1/targets", params={"state": "active"})).json()
+            targets = [t for t in body["data"]["activeTargets"] if t["labels"]["job"] == "gateway"]
+            found = {t["labels"]["instance"]: t for t in targets}
+            assert set(found) <= instances, f"unexpected targets {sorted(found)}"
+            for target in targets:
+                assert target["labels"]["service"] == "gateway-fleet", target["labels"]
+            return set(found) == instances and all(t["health"] == "up" for t in targets)
+
+        await wait_until(both_targets_up, 20, "both replicas as `gateway` targets, up")
+        if dns is not None:  # found through DNS, not some other way
+            assert {"gateway", "gateway-fleet"} <= set(dns.queries), dns.queries
+        await wait_until(
+            has_data(
+                http, f'count(count_over_time(up{{job="gateway"}}[1m]) >= 5) == {len(instances)}'
+            ),
             30,
-            "five scrapes of the gateway",
+            "five scrapes of each replica",
         )
 
-        def has_data(expr: str) -> Callable[[], bool]:
-            return lambda: bool(query(http, expand(expr)))
+        per_replica = [(w, e) for w, e in dashboard_queries() if PER_REPLICA.search(e)]
+        assert len(per_replica) >= 5, per_replica
+        for where, expr in per_replica:
 
-        for where, expr in dashboard_queries() + template_queries():
-            # Rates need two samples in their window: allow a few more scrapes.
-            poll(has_data(expr), 10, f"data for {where}: {expr}")
+            async def one_series_per_replica(expr: str = expr) -> bool:
+                series = await query(http, expand(expr))
+                return sorted(s["metric"]["instance"] for s in series) == sorted(instances)
 
-        for rule in alert_rules():
-            query(http, rule["expr"])  # parses and evaluates; need not fire
+            await wait_until(one_series_per_replica, 10, f"one series per replica: {where}")
 
-        def rules_evaluated() -> bool:
-            groups = http.get("/api/v1/rules").json()["data"]["groups"]
-            rules = [r for g in groups if g["file"] == str(ALERTS) for r in g["rules"]]
-            assert len(rules) == len(alert_rules()), "Prometheus did not load alerts.yml"
-            for rule in rules:
-                assert rule["health"] != "err", f"{rule['name']}: {rule.get('lastError')}"
-            return all(rule["health"] == "ok" for rule in rules)
-
-        poll(rules_evaluated, 10, "every alert rule to be evaluated")
+        (ready,) = [e for w, e in dashboard_queries() if w == "Ready replicas" and "up{" in e]
+        (result,) = await query(http, ready)
+        assert float(result["value"][1]) == len(REPLICA_HOSTS)
