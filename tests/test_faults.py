@@ -690,6 +690,8 @@ async def test_a_client_whose_socket_raises_anything_is_dropped_alone(
             assert survivors == [list(range(10))] * 2, "the two others got every frame"
             assert sample(registry, "gateway_send_failures_total") == 1
             assert sample(registry, "gateway_messages_received_total") == 10
+            closed = {"reason": "error"}
+            assert sample(registry, "gateway_connections_closed_total", closed) == 1
             assert gw.relay.ready
         finally:
             await asyncio.gather(*(ws.close() for ws in clients))

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 import websockets
+from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 from websockets.exceptions import InvalidStatus
 
+from gateway.metrics import CLOSE_REASONS
 from gateway.natsserver import NatsServer
+from gateway.server import Gateway
 
 from conftest import (
     jetstream,
@@ -18,6 +22,7 @@ from conftest import (
     publish_json,
     running_gateway,
     seconds,
+    stalled_client,
     wait_until,
     ws_url,
 )
@@ -138,3 +143,94 @@ async def test_relay_behind_skips_stale_messages_and_counts_them(nats_server: Na
                 what="the backlog to drain",
             )
     assert value(registry, "gateway_messages_skipped_total") == backlog - MAX_BEHIND - 1
+
+
+async def _client_leaves(gw: Gateway, js: JetStreamContext) -> None:
+    async with websockets.connect(ws_url(gw)):
+        await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the client")
+
+
+async def _frame_too_big(gw: Gateway, js: JetStreamContext) -> None:
+    async with websockets.connect(ws_url(gw), max_size=None) as ws:
+        await ws.send("x" * 2048)  # over max_inbound_bytes=1024
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), seconds(5))
+
+
+async def _over_capacity(gw: Gateway, js: JetStreamContext) -> None:
+    async with websockets.connect(ws_url(gw)):
+        await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the first client")
+        async with websockets.connect(ws_url(gw)) as second:
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(second.recv(), seconds(5))
+
+
+async def _stalled_reader(gw: Gateway, js: JetStreamContext) -> None:
+    sock = stalled_client(gw.port)
+    try:
+        await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the stalled client")
+        for n in range(30):  # 6 MB: more than its socket buffers hold, so a send stalls
+            await publish_json(js, {"n": n, "pad": "x" * 200_000})
+            await wait_until(
+                lambda n=n: gw.hub.latest is not None and f'"n":{n},' in gw.hub.latest.text,
+                what=f"message {n} to be relayed",
+            )
+        await wait_until(lambda: not gw.hub.active_connections, what="the client to be dropped")
+    finally:
+        sock.close()
+
+
+async def _silent_peer(gw: Gateway, js: JetStreamContext) -> None:
+    sock = stalled_client(gw.port)  # never answers a ping
+    try:
+        await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the silent client")
+        await wait_until(lambda: not gw.hub.active_connections, what="the ping timeout")
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("reason", "scenario", "overrides"),
+    [
+        ("client", _client_leaves, {}),
+        ("too_big", _frame_too_big, {"max_inbound_bytes": 1024}),
+        ("capacity", _over_capacity, {"max_connections": 1}),
+        ("send_timeout", _stalled_reader, {"send_timeout_s": 0.3}),
+        ("ping_timeout", _silent_peer, {"ping_interval_s": 0.3}),
+    ],
+)
+async def test_every_closed_connection_is_counted_with_its_reason(
+    nats_server: NatsServer,
+    reason: str,
+    scenario: Callable[[Gateway, JetStreamContext], Awaitable[None]],
+    overrides: dict[str, object],
+) -> None:
+    """Each way a connection ends adds one to gateway_connections_closed_total{reason}."""
+    registry = CollectorRegistry()
+    settings = make_settings(nats_server.url, **overrides)
+    async with running_gateway(settings, registry) as gw, jetstream(nats_server.url) as js:
+        await wait_until(lambda: gw.relay.ready, what="the relay to subscribe")
+        await scenario(gw, js)
+
+        def closed() -> dict[str, float]:
+            return {
+                r: value(registry, "gateway_connections_closed_total", reason=r)
+                for r in CLOSE_REASONS
+            }
+
+        others = {"client": 1} if reason == "capacity" else {}  # the first client leaves
+        expected = dict.fromkeys(CLOSE_REASONS, 0) | others | {reason: 1}
+        await wait_until(lambda: closed() == expected, what=f"one close for {reason}")
+
+
+async def test_clients_closed_by_shutdown_are_counted_as_shutdown(nats_server: NatsServer) -> None:
+    """A client still connected at SIGTERM is closed with 1001 and counted as `shutdown`."""
+    registry = CollectorRegistry()
+    async with running_gateway(make_settings(nats_server.url), registry) as gw:
+        ws = await websockets.connect(ws_url(gw))
+        await wait_until(lambda: len(gw.hub.active_connections) == 1, what="the client")
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        await asyncio.wait_for(ws.recv(), seconds(5))
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1001
+    assert value(registry, "gateway_connections_closed_total", reason="shutdown") == 1

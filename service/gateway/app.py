@@ -19,6 +19,7 @@ from litestar.plugins import PluginProtocol
 from litestar.status_codes import (
     HTTP_200_OK,
     HTTP_503_SERVICE_UNAVAILABLE,
+    WS_1009_MESSAGE_TOO_BIG,
     WS_1013_TRY_AGAIN_LATER,
 )
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -26,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from gateway import fastws
 from gateway.admission import Refusal, refusal
 from gateway.fastws import DirectWriteProtocol
-from gateway.hub import SocketBroadcaster
+from gateway.hub import Client, SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.settings import Settings
@@ -68,6 +69,10 @@ class _SocketSink:
         if self._direct is not None:
             self._direct.abort()
 
+    @property
+    def ping_timed_out(self) -> bool:
+        return self._direct is not None and self._direct.ping_timed_out
+
     async def send_text(self, text: str) -> None:
         try:
             await self._send({"type": "websocket.send", "text": text, "bytes": None})
@@ -107,10 +112,25 @@ def _check_admission(settings: Settings, scope: Any) -> Refusal | None:
     return refusal(settings, query, headers)
 
 
-async def _read_until_disconnect(socket: WebSocket[Any, Any, Any]) -> None:
-    """Inbound frames are ignored; the server's max frame size closes oversize ones (1009)."""
-    while (await socket.receive())["type"] != "websocket.disconnect":
+async def _read_until_disconnect(socket: WebSocket[Any, Any, Any]) -> int:
+    """Inbound frames are ignored; the server's max frame size closes oversize ones (1009).
+
+    Returns the close code of the disconnect.
+    """
+    while (message := await socket.receive())["type"] != "websocket.disconnect":
         pass
+    return int(message.get("code", 1005))
+
+
+def _close_reason(client: Client, sink: _SocketSink, code: int | None) -> str:
+    """Why a connection ended (metrics.CLOSE_REASONS)."""
+    if client.reason is not None:
+        return client.reason  # the hub ended it: a stalled or failed send, or shutdown
+    if sink.ping_timed_out:
+        return "ping_timeout"
+    if code == WS_1009_MESSAGE_TOO_BIG:
+        return "too_big"
+    return "client"
 
 
 def create_app(
@@ -139,6 +159,7 @@ def create_app(
         await socket.send({"type": "websocket.accept", "subprotocol": None, "headers": []})
         if len(hub.active_connections) >= settings.max_connections:
             metrics.connections_rejected.labels("capacity").inc()
+            metrics.connections_closed.labels("capacity").inc()
             await socket.close(WS_1013_TRY_AGAIN_LATER, "gateway at capacity")
             return
         # This task only reads (and ignores) what the client sends, until it leaves: the
@@ -146,21 +167,23 @@ def create_app(
         # the client (a send stalled or failed), which ends the connection.
         sink = _SocketSink(socket)
         client = hub.connect(sink)
+        code: int | None = None
         try:
             if not client.dropped:
-                await _read_until_disconnect(socket)
+                code = await _read_until_disconnect(socket)
         except asyncio.CancelledError:
             if not client.dropped:
                 raise  # the server is cancelling us: not ours to swallow
             current = asyncio.current_task()
             if current is not None:
                 current.uncancel()
-        except WebSocketDisconnect:
-            pass
+        except WebSocketDisconnect as exc:
+            code = exc.code
         finally:
             hub.disconnect(client)
             if client.dropped:
                 sink.abort()
+            metrics.connections_closed.labels(_close_reason(client, sink, code)).inc()
 
     page = (resources.files("gateway") / "live.html").read_text(encoding="utf-8")
 

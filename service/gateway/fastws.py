@@ -26,6 +26,9 @@ EXTENSION = "gateway.direct_write"
 class DirectWriteProtocol(WebSocketsSansIOProtocol):
     """websockets-sansio, with `write_frame` for prebuilt server frames."""
 
+    ping_timed_out = False
+    """Set when the peer missed a pong and the connection was aborted for it."""
+
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)  # absent when the handshake was refused
@@ -57,5 +60,6 @@ class DirectWriteProtocol(WebSocketsSansIOProtocol):
         uvicorn closes the transport gracefully, and with a full write buffer (a peer that
         vanished mid-stream) that close, and the app's disconnect, would wait forever.
         """
+        self.ping_timed_out = True
         super().keepalive_timeout()
         self.transport.abort()

@@ -57,7 +57,7 @@ class Sink(Protocol):
 class Client:
     """One connected client: its sink, its one-slot mailbox, its writer when it has one."""
 
-    __slots__ = ("_closed", "_handler", "_pending", "_writer", "dropped", "sink")
+    __slots__ = ("_closed", "_handler", "_pending", "_writer", "dropped", "reason", "sink")
 
     def __init__(self, sink: Sink, handler: asyncio.Task[Any] | None) -> None:
         self.sink = sink
@@ -69,6 +69,8 @@ class Client:
         self._closed = False
         self.dropped = False
         """True once the hub gave up on this client (a send failed or stalled)."""
+        self.reason: str | None = None
+        """Why the hub ended it (see metrics.CLOSE_REASONS); None while it did not."""
 
 
 class SocketBroadcaster:
@@ -164,11 +166,11 @@ class SocketBroadcaster:
             return client.sink.write_now(wire) or self._send_now(client, frame)
         except (OSError, RuntimeError):  # the peer went away (uvicorn's ClientDisconnected)
             self.metrics.send_failures.inc()
-            self._drop(client)
+            self._drop(client, "client")
         except Exception as exc:
             self.metrics.send_failures.inc()
             log.warning("client dropped: its send failed (%s: %s)", type(exc).__name__, exc)
-            self._drop(client)
+            self._drop(client, "error")
         return False
 
     def _send_now(self, client: Client, frame: Frame) -> bool:
@@ -194,8 +196,9 @@ class SocketBroadcaster:
         """A client's writer: finish `send`, then the newest frame that came meanwhile."""
         try:
             while True:
-                if not await self._finish(send):
-                    self._drop(client)
+                failure = await self._finish(send)
+                if failure is not None:
+                    self._drop(client, failure)
                     return
                 self.metrics.messages_sent.inc()
                 self.metrics.delivery_lag.observe(max(0.0, self.clock() - frame.published_at))
@@ -208,39 +211,41 @@ class SocketBroadcaster:
             if isinstance(send, Generator):  # a handed-over send that was cancelled
                 send.close()
 
-    async def _finish(self, send: Awaitable[None]) -> bool:
-        """Await a send under the send timeout; False (counted) if it failed."""
+    async def _finish(self, send: Awaitable[None]) -> str | None:
+        """Await a send under the send timeout; the close reason (counted) if it failed."""
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 await send
         except TimeoutError:
             self.metrics.send_failures.inc()
             log.warning("client dropped: a send stalled for more than %ss", self.send_timeout_s)
-            return False
+            return "send_timeout"
         except OSError:  # the peer went away mid-send (uvicorn's ClientDisconnected)
             self.metrics.send_failures.inc()
-            return False
+            return "client"
         except Exception as exc:  # this client's fault alone, whatever it is
             self.metrics.send_failures.inc()
             log.warning("client dropped: its send failed (%s: %s)", type(exc).__name__, exc)
-            return False
-        return True
+            return "error"
+        return None
 
-    def _drop(self, client: Client) -> None:
+    def _drop(self, client: Client, reason: str) -> None:
         """Give up on a client: no more frames, and its handler ends the connection."""
         client._closed = client.dropped = True
+        client.reason = client.reason or reason
         if client._handler is not None and client._handler is not asyncio.current_task():
             client._handler.cancel()
 
     async def _say_goodbye(self, client: Client, code: int) -> None:
         client._closed = True
+        client.reason = client.reason or "shutdown"
         if client._writer is not None:
             client._writer.cancel()  # a close frame goes out instead of the pending frames
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 await client.sink.close(code)
         except (TimeoutError, OSError):
-            self._drop(client)  # it stalled or left: end the connection from our side
+            self._drop(client, "shutdown")  # it stalled or left: end it from our side
 
     async def close(self, code: int = WS_1001_GOING_AWAY, spread_s: float = 0.0) -> None:
         """Stop taking clients, close every client with `code` over `spread_s` seconds.

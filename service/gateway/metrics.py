@@ -36,6 +36,13 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 REJECT_REASONS = ("origin", "auth", "capacity", "draining", "handshake_timeout")
+# Why a connection ended after its handshake (gateway_connections_closed_total{reason}):
+# the peer left (`client`), a send stalled (`send_timeout`), no pong (`ping_timeout`), an
+# inbound frame over the limit (`too_big`, 1009), full (`capacity`, 1013), our shutdown
+# (`shutdown`, 1001), or anything unexpected while sending (`error`).
+CLOSE_REASONS = (
+    "client", "send_timeout", "ping_timeout", "too_big", "capacity", "shutdown", "error",
+)  # fmt: skip
 
 MultiprocessMode = Literal["livesum", "livemin", "livemax"]
 
@@ -99,6 +106,14 @@ class Metrics:
         )
         for reason in REJECT_REASONS:  # export zeros so rate() works from the first scrape
             self.connections_rejected.labels(reason)
+        self.connections_closed = Counter(
+            "gateway_connections_closed",
+            "WebSocket connections ended after the handshake, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in CLOSE_REASONS:
+            self.connections_closed.labels(reason)
         self.nats_connected = gauge(  # min: 0 as soon as one worker is disconnected
             "gateway_nats_connected", "1 while connected to NATS, else 0.", "livemin"
         )
