@@ -31,6 +31,7 @@ def test_defaults_match_the_spec_table() -> None:
     assert settings.consumer_inactive_s == 600.0
     assert settings.replica_id == ""
     assert settings.stream_replicas == 1
+    assert settings.access_log is False
     assert settings.max_connections == 10_000
     assert settings.allowed_origins == frozenset()
     assert settings.auth_token == ""
@@ -78,6 +79,7 @@ def test_settings_are_frozen() -> None:
         ("GATEWAY_CONSUMER_INACTIVE_S", "30", "consumer_inactive_s", 30.0),
         ("GATEWAY_REPLICA_ID", " gateway-7c9f-x2 ", "replica_id", "gateway-7c9f-x2"),
         ("GATEWAY_STREAM_REPLICAS", "3", "stream_replicas", 3),
+        ("GATEWAY_ACCESS_LOG", "1", "access_log", True),
         ("GATEWAY_MAX_CONNECTIONS", "1", "max_connections", 1),
         (
             "GATEWAY_ALLOWED_ORIGINS",

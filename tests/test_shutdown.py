@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
@@ -28,6 +29,12 @@ async def close_time_and_code(ws: websockets.ClientConnection) -> tuple[float, i
         return time.monotonic(), closed.rcvd.code if closed.rcvd else None
 
 
+async def has_clients(port: int, n: int) -> bool:
+    """The gateway counts `n` connected clients (from /health)."""
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"http://127.0.0.1:{port}/health")).json()["connections"] == n
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_signal_closes_clients_1001_and_exits_0(
     nats_server: NatsServer, gateway_process: Callable[..., GatewayProcess], sig: int
@@ -36,7 +43,7 @@ async def test_signal_closes_clients_1001_and_exits_0(
     proc = gateway_process({"NATS_URL": nats_server.url, "GATEWAY_DRAIN_S": "0"})
     port = proc.wait_started()
     clients = [await websockets.connect(f"ws://127.0.0.1:{port}/ws/stream") for _ in range(3)]
-    await wait_until(lambda: "connection open" in proc.output, what="the clients")
+    await wait_until(lambda: has_clients(port, 3), what="the clients")
     os.kill(proc.proc.pid, sig)
     results = await asyncio.wait_for(
         asyncio.gather(*(close_time_and_code(ws) for ws in clients)), seconds(10)
@@ -52,7 +59,7 @@ async def test_drain_spreads_closes_over_the_window(
     proc = gateway_process({"NATS_URL": nats_server.url, "GATEWAY_DRAIN_S": "2"})
     port = proc.wait_started()
     clients = [await websockets.connect(f"ws://127.0.0.1:{port}/ws/stream") for _ in range(40)]
-    await wait_until(lambda: proc.output.count("connection open") == 40, what="the clients")
+    await wait_until(lambda: has_clients(port, 40), what="the clients")
     started = time.monotonic()
     os.kill(proc.proc.pid, signal.SIGTERM)
     results = await asyncio.wait_for(

@@ -7,7 +7,8 @@ test builds as many apps as it likes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata, resources
 from typing import Any
 from urllib.parse import parse_qsl
@@ -17,11 +18,13 @@ from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.plugins import PluginProtocol
 from litestar.status_codes import (
+    HTTP_101_SWITCHING_PROTOCOLS,
     HTTP_200_OK,
     HTTP_503_SERVICE_UNAVAILABLE,
     WS_1009_MESSAGE_TOO_BIG,
     WS_1013_TRY_AGAIN_LATER,
 )
+from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import fastws
@@ -133,6 +136,35 @@ def _close_reason(client: Client, sink: _SocketSink, code: int | None) -> str:
     return "client"
 
 
+@contextlib.contextmanager
+def _handshake_span(
+    tracer: trace.Tracer | None, scope: Any
+) -> Iterator[Callable[[int, str], None]]:
+    """A SERVER span for a WebSocket handshake that ends at accept (or refusal).
+
+    Litestar's plugin would keep one span open for the socket's whole life: hours, times
+    every client. This one lasts the handshake and says how it ended. It records the
+    path, never the query string (a client's token).
+    """
+    if tracer is None:
+        yield lambda status, outcome: None
+        return
+    attributes = {
+        "url.path": scope["path"],
+        "url.scheme": "ws",
+        "network.protocol.name": "websocket",
+    }
+    with tracer.start_as_current_span(
+        f"WS {scope['path']}", kind=trace.SpanKind.SERVER, attributes=attributes
+    ) as span:
+
+        def outcome(status: int, result: str) -> None:
+            span.set_attribute("http.response.status_code", status)
+            span.set_attribute("gateway.handshake.result", result)
+
+        yield outcome
+
+
 def create_app(
     *,
     settings: Settings,
@@ -140,28 +172,42 @@ def create_app(
     relay: Relay,
     metrics: Metrics,
     plugins: Sequence[PluginProtocol] = (),
+    tracer: trace.Tracer | None = None,
 ) -> Litestar:
     """Build the app serving `hub` and reporting on `relay`."""
 
-    @websocket("/ws/stream")
-    async def stream(socket: WebSocket[Any, Any, Any]) -> None:
+    async def handshake(
+        socket: WebSocket[Any, Any, Any], outcome: Callable[[int, str], None]
+    ) -> bool:
+        """Admit (accept) or refuse a client; True if it may stay."""
         await socket.receive()  # websocket.connect
         if hub.closing:
             metrics.connections_rejected.labels("draining").inc()
+            outcome(HTTP_503_SERVICE_UNAVAILABLE, "draining")
             await _refuse(socket, HTTP_503_SERVICE_UNAVAILABLE)
-            return
+            return False
         reason = _check_admission(settings, socket.scope)
         if reason is not None:
             metrics.connections_rejected.labels(reason.value).inc()
+            outcome(reason.status, reason.value)
             await _refuse(socket, reason.status)
-            return
+            return False
         # Litestar's accept() would wait for websocket.connect, which we already read.
         await socket.send({"type": "websocket.accept", "subprotocol": None, "headers": []})
         if len(hub.active_connections) >= settings.max_connections:
             metrics.connections_rejected.labels("capacity").inc()
             metrics.connections_closed.labels("capacity").inc()
+            outcome(HTTP_101_SWITCHING_PROTOCOLS, "capacity")
             await socket.close(WS_1013_TRY_AGAIN_LATER, "gateway at capacity")
-            return
+            return False
+        outcome(HTTP_101_SWITCHING_PROTOCOLS, "accepted")
+        return True
+
+    @websocket("/ws/stream")
+    async def stream(socket: WebSocket[Any, Any, Any]) -> None:
+        with _handshake_span(tracer, socket.scope) as outcome:
+            if not await handshake(socket, outcome):
+                return
         # This task only reads (and ignores) what the client sends, until it leaves: the
         # hub writes to the socket from the fan-out, and cancels this task if it drops
         # the client (a send stalled or failed), which ends the connection.

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except (SettingsError, tracing.TracingConfigError) as exc:
         print(f"gateway: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, access_log=settings.access_log)
     if args.command == "demo":
         from gateway import demo
 

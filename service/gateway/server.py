@@ -16,14 +16,18 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Generator
+from typing import Any
 
 import uvicorn
 from litestar import Litestar
+from litestar.enums import ScopeType
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway import logs
 from gateway.app import create_app
 from gateway.fastws import DirectWriteProtocol
 from gateway.hub import SocketBroadcaster
@@ -60,6 +64,7 @@ class Gateway:
             relay=self.relay,
             metrics=self.metrics,
             plugins=_http_tracing(tracer_provider),
+            tracer=tracer,
         )
         self.server = _Server(self._uvicorn_config(), on_shutdown=self._say_goodbye)
 
@@ -79,7 +84,7 @@ class Gateway:
             timeout_graceful_shutdown=int(s.drain_s + s.send_timeout_s + GRACEFUL_EXTRA_S),
             lifespan="on",
             log_config=None,  # logging is configured once, by the CLI
-            access_log=False,
+            access_log=s.access_log,  # HTTP lines; WebSocket ones are filtered in logs.py
             server_header=False,
         )
 
@@ -184,19 +189,34 @@ def _handshake_deadline(
 
 
 def _http_tracing(provider: TracerProvider | None) -> list[OpenTelemetryPlugin]:
-    """Litestar's own OpenTelemetry plugin: one span per HTTP request or WS handshake.
+    """Litestar's own OpenTelemetry plugin: one span per HTTP request.
 
-    No span per WebSocket frame sent or received (that would be clients times messages), and
-    none for the endpoints that scrapers and probes hit every few seconds.
+    Not for WebSockets: its span would stay open for the socket's whole life (the app
+    makes a short handshake span instead). No span per frame, none for the endpoints that
+    scrapers and probes hit every few seconds, and no secret in a span's URL attributes.
     """
     if provider is None:
         return []
     config = OpenTelemetryConfig(
         tracer_provider=provider,
+        scopes={ScopeType.HTTP},
         exclude_spans=["send", "receive"],
         exclude=["/metrics", "/health", "/ready"],
+        server_request_hook_handler=_redact_span_urls,
     )
     return [OpenTelemetryPlugin(config)]
+
+
+URL_ATTRIBUTES = ("http.url", "http.target", "url.full", "url.query")
+
+
+def _redact_span_urls(span: Span, scope: Any) -> None:
+    """Rewrite the request span's URL attributes without a query-string token."""
+    attributes = getattr(span, "attributes", None) or {}
+    for key in URL_ATTRIBUTES:
+        value = attributes.get(key)
+        if isinstance(value, str) and (clean := logs.redact(value)) != value:
+            span.set_attribute(key, clean)
 
 
 def banner(settings: Settings) -> str:

@@ -72,6 +72,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Largest NATS message relayed; larger is counted invalid (`GATEWAY_MAX_PAYLOAD_BYTES`)."""
     log_format: str = "text"
     """`text` for people, `json` for log shippers (`GATEWAY_LOG_FORMAT`)."""
+    access_log: bool = False
+    """A log line per HTTP request and per WebSocket connection (`GATEWAY_ACCESS_LOG`)."""
     workers: int = 1
     """Worker processes sharing the port, each with its own consumer (`GATEWAY_WORKERS`)."""
     live_view: bool = True
@@ -106,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_inbound_bytes=_number(env, "GATEWAY_MAX_INBOUND_BYTES", int, 65_536, 1, 16 << 20),
             max_payload_bytes=_number(env, "GATEWAY_MAX_PAYLOAD_BYTES", int, 1 << 20, 2, 64 << 20),
             log_format=_choice(env, "GATEWAY_LOG_FORMAT", ("text", "json")),
+            access_log=_flag(env, "GATEWAY_ACCESS_LOG", default=False),
             live_view=_flag(env, "GATEWAY_LIVE_VIEW", default=True),
             workers=_number(env, "GATEWAY_WORKERS", int, 1, 1, 64),
         )

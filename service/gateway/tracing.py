@@ -43,6 +43,7 @@ def provider_from_env(env: Mapping[str, str], default_service: str) -> TracerPro
         if name == "console":
             exporters.append(ConsoleSpanExporter())
         elif name == "otlp":
+            _check_otlp_protocol(env)
             exporters.append(_otlp_exporter())
     if not exporters:
         return None
@@ -58,6 +59,19 @@ def _otlp_endpoint_set(env: Mapping[str, str]) -> bool:
     return bool(
         env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
+
+
+def _check_otlp_protocol(env: Mapping[str, str]) -> None:
+    """Refuse a protocol we do not ship, rather than silently speak another one."""
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        value = env.get(variable, "").strip().lower()
+        if value and value != "http/protobuf":
+            raise TracingConfigError(
+                f"{variable} must be http/protobuf (the gateway ships the OTLP/HTTP exporter, "
+                f"port 4318), got {value!r}"
+            )
+        if value:
+            return  # the traces-specific variable wins over the general one
 
 
 def _otlp_exporter() -> SpanExporter:

@@ -87,7 +87,7 @@ def _worker(settings: Settings, index: int, sock: socket.socket) -> None:
     from gateway.server import Gateway  # imported here: after the metrics dir is set
 
     _exit_with_parent()
-    logs.configure(settings.log_format)
+    logs.configure(settings.log_format, access_log=settings.access_log)
     # Each worker has its own consumer: a leased name of its own, or `<durable>_<n>`.
     fixed_name = settings.durable and not settings.consumer_lease
     settings = msgspec.structs.replace(
