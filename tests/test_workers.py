@@ -61,3 +61,54 @@ async def test_two_workers_relay_everything_and_report_the_whole_service(
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1001
     assert await asyncio.to_thread(proc.wait_exit, 15) == 0, proc.output
+
+
+def children(pid: int) -> set[int]:
+    """PIDs of a process's direct children (from /proc)."""
+    found: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found.update(int(child) for child in f.read().split())
+    return found
+
+
+async def test_a_killed_worker_is_restarted_and_serves_again(
+    nats_server: NatsServer, gateway_process: Callable[..., GatewayProcess]
+) -> None:
+    """kill -9 of one worker: the supervisor says so, starts a new one, and both serve."""
+    proc = gateway_process({"NATS_URL": nats_server.url, "GATEWAY_WORKERS": "2"})
+    port = proc.wait_started()
+    await wait_until(lambda: proc.output.count("consuming levels.signals") == 2, what="workers")
+    workers = {pid for pid in children(proc.proc.pid) if "spawn_main" in _cmdline(pid)}
+    assert len(workers) == 2
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    await wait_until(lambda: "died with exit code -9; restarting" in proc.output, what="the log")
+    await wait_until(lambda: proc.output.count("consuming levels.signals") == 3, what="a new one")
+    assert victim not in children(proc.proc.pid)
+    url = f"ws://127.0.0.1:{port}/ws/stream"
+    clients = [await websockets.connect(url) for _ in range(CLIENTS)]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+
+            async def service_connections() -> bool:
+                return (await http.get("/health")).json()["connections"] == CLIENTS
+
+            await wait_until(service_connections, what="every client counted")
+        async with jetstream(nats_server.url) as js:
+            await publish_json(js, {"after": "restart"})
+        for ws in clients:
+            assert json.loads(await asyncio.wait_for(ws.recv(), seconds(5))) == {"after": "restart"}
+    finally:
+        await asyncio.gather(*(ws.close() for ws in clients))
+    os.kill(proc.proc.pid, signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait_exit, 15) == 0, proc.output
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except FileNotFoundError:
+        return ""

@@ -2,10 +2,15 @@
 
 One event loop is one core. With N workers the supervisor binds the listening socket once
 and starts N processes that all accept on it (the kernel spreads connections among
-them). Each worker is a whole gateway with its own NATS consumer (`<durable>_<n>`, or
-ephemeral), so every worker relays every message to its own clients; nothing is shared
-but the socket and the metrics directory (see metrics.py), which makes `/metrics` and
-`/health` describe the whole service.
+them). Each worker is a whole gateway with its own NATS consumer (a leased name of its
+own, `<durable>_<n>` without leases, or ephemeral), so every worker relays every message
+to its own clients; nothing is shared but the socket and the metrics directory (see
+metrics.py), which makes `/metrics` and `/health` describe the whole service.
+
+A worker that dies (a crash, the OOM killer) is started again in its slot, after a pause
+that doubles with each death in a row (1 s up to 30 s) and resets once a worker has run
+for a minute: the service heals itself instead of serving on at reduced capacity, and a
+worker that cannot start does not spin.
 
 Shutdown: SIGTERM/SIGINT reaches the supervisor, which passes SIGTERM on; each worker
 drains its own clients (1001, spread over GATEWAY_DRAIN_S) and exits; then so does the
@@ -15,6 +20,7 @@ supervisor, with 0 if every worker exited cleanly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -25,6 +31,10 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import msgspec
@@ -37,33 +47,57 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0  # a worker's whole drain fits well inside this
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0  # a worker that ran this long resets the backoff
+POLL_S = 0.2  # how often the supervisor looks at its workers
 
 
 def serve(settings: Settings) -> int:
     """Run `settings.workers` gateway processes on one socket until SIGTERM/SIGINT."""
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by every worker
     sock = _listen(settings.host, settings.port)
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited loop
-    workers = [
-        context.Process(target=_worker, args=(settings, n, sock), name=f"gateway-worker-{n}")
-        for n in range(settings.workers)
-    ]
+    stopping = threading.Event()
+
+    def start(n: int) -> BaseProcess:
+        worker = context.Process(
+            target=_worker, args=(settings, n, sock), name=f"gateway-worker-{n}"
+        )
+        with _inherited_env("PROMETHEUS_MULTIPROC_DIR", metrics_dir):
+            worker.start()
+        return worker
+
+    workers = [start(n) for n in range(settings.workers)]
 
     def forward(sig: int, frame: FrameType | None) -> None:
+        stopping.set()
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    host, port = sock.getsockname()[:2]
+    log.info("%d workers listening on http://%s:%d", len(workers), host, port)
+    started = dict.fromkeys(range(len(workers)), time.monotonic())
+    delay = RESTART_FIRST_S
     try:
-        for worker in workers:
-            worker.start()
-        host, port = sock.getsockname()[:2]
-        log.info("%d workers listening on http://%s:%d", len(workers), host, port)
-        for worker in workers:
-            worker.join()
-            multiprocess.mark_process_dead(worker.pid, metrics_dir)  # type: ignore[no-untyped-call]
+        while not stopping.is_set():
+            for n, worker in enumerate(workers):
+                if worker.is_alive() or stopping.is_set():
+                    continue
+                multiprocess.mark_process_dead(worker.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                if time.monotonic() - started[n] >= HEALTHY_AFTER_S:
+                    delay = RESTART_FIRST_S
+                log.warning(
+                    "worker %d (pid %s) died with exit code %s; restarting it in %.0fs",
+                    n, worker.pid, worker.exitcode, delay,
+                )  # fmt: skip
+                if stopping.wait(delay):
+                    break
+                delay = min(delay * 2, RESTART_MAX_S)
+                workers[n], started[n] = start(n), time.monotonic()
+            stopping.wait(POLL_S)
     finally:
         forward(signal.SIGTERM, None)
         for worker in workers:
@@ -73,6 +107,20 @@ def serve(settings: Settings) -> int:
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if all(worker.exitcode == 0 for worker in workers) else 1
+
+
+@contextlib.contextmanager
+def _inherited_env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for a child started inside, not for this process after.
+
+    prometheus_client picks its multiprocess mode from the environment at import, so a
+    worker must have the variable from its first instruction.
+    """
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        del os.environ[name]
 
 
 def _listen(host: str, port: int) -> socket.socket:
