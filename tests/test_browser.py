@@ -188,6 +188,17 @@ async def test_page_shows_the_value_just_published(
         f"{vp['min']:.2f} \N{EN DASH} {vp['max']:.2f}"
     )
     await expect(page.locator("body")).not_to_contain_text(token)  # used, never displayed
+    # Chromium offers permessage-deflate and gets it: the page renders compressed frames.
+    extensions = await page.evaluate(
+        """(url) => new Promise((resolve, reject) => {
+            const ws = new WebSocket(url);
+            ws.onopen = () => { resolve(ws.extensions); ws.close(); };
+            ws.onerror = () => reject(new Error("no connection"));
+        })""",
+        f"ws://127.0.0.1:{port}/ws/stream?token={token}",
+    )
+    assert extensions.startswith("permessage-deflate")
+    assert "server_no_context_takeover" in extensions
 
     # The age of the last update ticks on its own, with no new data.
     age = page.get_by_test_id("age")

@@ -433,11 +433,17 @@ async def test_slow_reader_gets_newest_frames_only_and_stays_connected(
         sock.connect(("127.0.0.1", gw.port))
         # max_queue=1: the client library buffers one frame, not megabytes, so the slowness
         # reaches the gateway. No client keepalive: its pongs would wait behind the backlog.
+        # No compression: 400 KB of padding would deflate to nothing and never back up.
         async with (
             websockets.connect(
-                ws_url(gw), sock=sock, max_queue=1, max_size=None, ping_interval=None
+                ws_url(gw),
+                sock=sock,
+                max_queue=1,
+                max_size=None,
+                ping_interval=None,
+                compression=None,
             ) as slow,
-            websockets.connect(ws_url(gw), max_size=None) as fast,
+            websockets.connect(ws_url(gw), max_size=None, compression=None) as fast,
         ):
             await wait_until(lambda: len(gw.hub.active_connections) == 2, what="two clients")
 

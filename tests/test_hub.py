@@ -49,14 +49,15 @@ class FakeSink:
         self.gone = asyncio.Event()
         """Set when the peer leaves (it answered our close frame, or the test says so)."""
 
-    async def send_text(self, text: str) -> None:
+    async def send(self, frame: Frame) -> None:
+        text = frame.text
         self.attempts.append(text)
         if self.fail is not None:
             raise self.fail
         await self.release.wait()
         self.frames.append(text)
 
-    def write_now(self, wire: bytes) -> bool:
+    def write_now(self, frame: Frame) -> bool:
         """Like a server without direct writes: always use the ASGI send path."""
         return False
 
@@ -240,7 +241,7 @@ class BrokenWriteSink(FakeSink):
         super().__init__()
         self.error = error
 
-    def write_now(self, wire: bytes) -> bool:
+    def write_now(self, frame: Frame) -> bool:
         raise self.error
 
 
@@ -432,8 +433,8 @@ class DirectSink(FakeSink):
         super().__init__()
         self.wire: list[bytes] = []
 
-    def write_now(self, wire: bytes) -> bool:
-        self.wire.append(wire)
+    def write_now(self, frame: Frame) -> bool:
+        self.wire.append(frame.websocket())
         return True
 
 

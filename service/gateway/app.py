@@ -32,6 +32,7 @@ from gateway.admission import Refusal, refusal
 from gateway.fastws import DirectWriteProtocol
 from gateway.hub import Client, SocketBroadcaster
 from gateway.metrics import Metrics
+from gateway.payload import Frame
 from gateway.relay import Relay
 from gateway.settings import Settings
 
@@ -64,8 +65,9 @@ class _SocketSink:
         direct = (socket.scope.get("extensions") or {}).get(fastws.EXTENSION)
         self._direct = direct if isinstance(direct, DirectWriteProtocol) else None
 
-    def write_now(self, wire: bytes) -> bool:
-        return self._direct is not None and self._direct.write_frame(wire)
+    def write_now(self, frame: Frame) -> bool:
+        direct = self._direct
+        return direct is not None and direct.write_frame(frame.websocket(deflate=direct.deflate))
 
     def abort(self) -> None:
         """Release the socket of a dropped client now (see fastws.DirectWriteProtocol)."""
@@ -76,9 +78,9 @@ class _SocketSink:
     def ping_timed_out(self) -> bool:
         return self._direct is not None and self._direct.ping_timed_out
 
-    async def send_text(self, text: str) -> None:
+    async def send(self, frame: Frame) -> None:
         try:
-            await self._send({"type": "websocket.send", "text": text, "bytes": None})
+            await self._send({"type": "websocket.send", "text": frame.text, "bytes": None})
         except WebSocketDisconnect:  # Litestar's word for "the peer already left"
             raise ConnectionResetError from None
 

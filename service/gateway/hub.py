@@ -4,8 +4,9 @@ This is the seed's `SocketBroadcaster`. Broadcasting is synchronous and O(client
 never waits for a socket, so one slow or dead client cannot delay the others:
 
 - A client that is idle (nothing in flight) gets the frame written at once: the frame's
-  bytes are built once per message and written straight to its socket when the server
-  offers that (`Sink.write_now`); otherwise the ASGI send is started inside the loop and,
+  bytes are built once per message (per wire form: plain or compressed WebSocket frame,
+  Server-Sent Event) and written straight to its socket when the server offers that
+  (`Sink.write_now`); otherwise the ASGI send is started inside the loop and,
   as long as the socket's buffer has room, completes without suspending. No task switch
   per client per frame, which is what makes the naive `for ws in clients: await
   ws.send(...)` loop fast, without its failure mode.
@@ -33,7 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, Protocol
 
 from gateway.metrics import Metrics, observe_many
-from gateway.payload import Frame, websocket_text_frame
+from gateway.payload import Frame
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,16 @@ CLOSE_TICK_S = 0.05  # shutdown closes clients in batches, one batch per tick
 
 
 class Sink(Protocol):
-    """Where a client's frames go: a WebSocket, or a fake in unit tests."""
+    """Where a client's frames go: a WebSocket, an event stream, or a fake in unit tests."""
 
-    async def send_text(self, text: str) -> None:
-        """Send one text frame; may block while the peer is not reading."""
+    async def send(self, frame: Frame) -> None:
+        """Send one frame through the server; may block while the peer is not reading."""
 
     async def close(self, code: int) -> None:
-        """Send a close frame with `code`."""
+        """End the connection (a WebSocket close frame with `code`)."""
 
-    def write_now(self, wire: bytes) -> bool:
-        """Write a prebuilt frame at once if the socket can take it without waiting."""
+    def write_now(self, frame: Frame) -> bool:
+        """Write the frame's prebuilt bytes at once if the socket takes them without waiting."""
 
 
 class Client:
@@ -129,7 +130,6 @@ class SocketBroadcaster:
         started = time.perf_counter()
         self.latest = frame
         conflated = sent = 0
-        wire = b""  # the frame's bytes on the wire, built once, when first needed
         for client in self.active_connections:
             if client._closed:
                 continue
@@ -137,8 +137,7 @@ class SocketBroadcaster:
                 conflated += client._pending is not None
                 client._pending = frame
                 continue
-            wire = wire or websocket_text_frame(frame.text.encode())
-            if self._write_or_send(client, frame, wire):
+            if self._write_or_send(client, frame):
                 sent += 1
         metrics = self.metrics
         if sent:
@@ -151,19 +150,18 @@ class SocketBroadcaster:
 
     def _deliver(self, client: Client, frame: Frame) -> None:
         """Send one frame to an idle client now, counting it if it went out at once."""
-        wire = websocket_text_frame(frame.text.encode())
-        if self._write_or_send(client, frame, wire):
+        if self._write_or_send(client, frame):
             self.metrics.messages_sent.inc()
             self.metrics.delivery_lag.observe(max(0.0, self.clock() - frame.published_at))
 
-    def _write_or_send(self, client: Client, frame: Frame, wire: bytes) -> bool:
-        """Write `wire` directly, or start the ASGI send; True if it went out at once.
+    def _write_or_send(self, client: Client, frame: Frame) -> bool:
+        """Write the frame directly, or start the ASGI send; True if it went out at once.
 
         The one error boundary per client inside the fan-out: anything its socket raises
         drops that client, counted, and the loop goes on with the next one.
         """
         try:
-            return client.sink.write_now(wire) or self._send_now(client, frame)
+            return client.sink.write_now(frame) or self._send_now(client, frame)
         except (OSError, RuntimeError):  # the peer went away (uvicorn's ClientDisconnected)
             self.metrics.send_failures.inc()
             self._drop(client, "client")
@@ -179,7 +177,7 @@ class SocketBroadcaster:
         One step of the coroutine: with room in the socket's buffer the whole send runs
         synchronously and ends here. If it would block, a writer task finishes it.
         """
-        send = client.sink.send_text(frame.text)
+        send = client.sink.send(frame)
         try:
             waiting_on = send.send(None)
         except StopIteration:
@@ -205,7 +203,7 @@ class SocketBroadcaster:
                 if client._pending is None or client._closed:
                     return
                 frame, client._pending = client._pending, None
-                send = client.sink.send_text(frame.text)
+                send = client.sink.send(frame)
         finally:
             client._writer = None
             if isinstance(send, Generator):  # a handed-over send that was cancelled

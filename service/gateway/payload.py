@@ -7,9 +7,9 @@ bytes on the wire are exactly the NATS payload's bytes. Nothing is re-serialized
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgspec
+
+from gateway import wsframe
 
 # Decoding into `dict[str, Raw]` checks the whole document's syntax and that the top
 # level is an object, without building Python objects for the values.
@@ -20,16 +20,47 @@ class InvalidPayload(ValueError):
     """The message is not something the gateway relays; `str(err)` says why."""
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """One validated payload, ready to send to every client as a text frame."""
+    """One validated payload, ready to send to every client.
 
-    text: str
-    """The payload decoded once; every client is handed this same object."""
-    seq: int
-    """JetStream stream sequence of the message it came from."""
-    published_at: float
-    """JetStream store time, epoch seconds."""
+    Each wire form (a WebSocket frame, plain or compressed; a Server-Sent Event) is built
+    on first use and kept: once per message, whatever the number of clients, and never
+    for a transport no client uses.
+    """
+
+    __slots__ = ("_deflated", "_event", "_plain", "published_at", "seq", "text")
+
+    def __init__(self, text: str, seq: int, published_at: float) -> None:
+        self.text = text
+        """The payload decoded once; every client is handed this same object."""
+        self.seq = seq
+        """JetStream stream sequence of the message it came from."""
+        self.published_at = published_at
+        """JetStream store time, epoch seconds."""
+        self._plain: bytes | None = None
+        self._deflated: bytes | None = None
+        self._event: bytes | None = None
+
+    def websocket(self, *, deflate: bool = False) -> bytes:
+        """The WebSocket text frame for every client, compressed or not (RFC 7692)."""
+        if deflate:
+            if self._deflated is None:
+                self._deflated = wsframe.deflated_text_frame(self.text.encode())
+            return self._deflated
+        if self._plain is None:
+            self._plain = wsframe.text_frame(self.text.encode())
+        return self._plain
+
+    def event(self) -> bytes:
+        """The Server-Sent Event: `id:` the stream sequence, one `data:` line per line."""
+        if self._event is None:
+            lines = self.text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            data = "".join(f"data: {line}\n" for line in lines)
+            self._event = f"id: {self.seq}\n{data}\n".encode()
+        return self._event
+
+    def __repr__(self) -> str:
+        return f"Frame(seq={self.seq}, {len(self.text)} chars)"
 
 
 def validate(data: bytes, max_bytes: int) -> str:
@@ -51,19 +82,3 @@ def validate(data: bytes, max_bytes: int) -> str:
     except RecursionError:
         raise InvalidPayload("JSON nested too deeply") from None
     return text
-
-
-def websocket_text_frame(payload: bytes) -> bytes:
-    """A complete, unmasked WebSocket text frame (FIN set) carrying `payload` (RFC 6455).
-
-    Server-to-client frames are never masked, and with compression off the bytes are the
-    same for every client: built once per message, written to each socket as they are.
-    """
-    size = len(payload)
-    if size < 126:
-        header = bytes((0x81, size))
-    elif size < 1 << 16:
-        header = bytes((0x81, 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + size.to_bytes(8, "big")
-    return header + payload

@@ -29,7 +29,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway import logs
 from gateway.app import create_app
-from gateway.fastws import DirectWriteProtocol
+from gateway.fastws import protocol_class
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.relay import Relay
@@ -75,9 +75,10 @@ class Gateway:
             host=s.host,
             port=s.port,
             http=_handshake_deadline(s.handshake_timeout_s, self._handshake_timed_out),
-            ws=DirectWriteProtocol,  # websockets-sansio + frames built once for everyone
+            # websockets-sansio + frames built once for everyone (compressed once, if on)
+            ws=protocol_class(compression=s.ws_compression),
             ws_max_size=s.max_inbound_bytes,  # a larger inbound frame closes with 1009
-            ws_per_message_deflate=False,  # ~50 KiB and CPU per client; frames are small JSON
+            ws_per_message_deflate=False,  # uvicorn's keeps a context per client; fastws' not
             # Pings find half-open connections (a peer gone without a close frame).
             ws_ping_interval=s.ping_interval_s or None,
             ws_ping_timeout=s.ping_interval_s or None,

@@ -66,6 +66,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ping_interval_s: float = 20.0
     """WebSocket ping period; a client that does not answer within it is closed, which
     finds half-open connections (`GATEWAY_PING_INTERVAL_S`, 0 = off)."""
+    ws_compression: bool = True
+    """Offer permessage-deflate, each message compressed once for every client that takes
+    it (`GATEWAY_WS_COMPRESSION`, on/off)."""
     max_inbound_bytes: int = 65_536
     """Largest frame a client may send; larger closes it with 1009 (`GATEWAY_MAX_INBOUND_BYTES`)."""
     max_payload_bytes: int = 1_048_576
@@ -105,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 env, "GATEWAY_HANDSHAKE_TIMEOUT_S", float, 10.0, 0.05, 300.0
             ),
             ping_interval_s=_number(env, "GATEWAY_PING_INTERVAL_S", float, 20.0, 0.0, 3600.0),
+            ws_compression=_flag(env, "GATEWAY_WS_COMPRESSION", default=True),
             max_inbound_bytes=_number(env, "GATEWAY_MAX_INBOUND_BYTES", int, 65_536, 1, 16 << 20),
             max_payload_bytes=_number(env, "GATEWAY_MAX_PAYLOAD_BYTES", int, 1 << 20, 2, 64 << 20),
             log_format=_choice(env, "GATEWAY_LOG_FORMAT", ("text", "json")),
