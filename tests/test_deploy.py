@@ -40,7 +40,9 @@ ALERTS = GRAFANA / "prometheus" / "alerts.yml"
 ALERTS_TEST = GRAFANA / "prometheus" / "alerts_test.yml"
 COLLECTOR = GRAFANA / "otel-collector" / "config.yaml"
 TEMPO = GRAFANA / "tempo" / "tempo.yaml"
+ALERTMANAGER_CONFIG = GRAFANA / "alertmanager" / "alertmanager.yml"
 HAPROXY_CFG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
 
 DASHBOARD_UID = "gateway-overview"  # links and bookmarks point at it: never change it
 # Images whose healthcheck cannot be written: no shell and no HTTP client inside.
@@ -52,16 +54,39 @@ DEFAULT_SERVICES = {
     "gateway",
     "publisher",
     "prometheus",
+    "alertmanager",
     "otel-collector",
     "tempo",
     "grafana",
 }
 FLEET_NODES = ("nats-1", "nats-2", "nats-3")
 FLEET = {*FLEET_NODES, "nats-exporter-fleet", "gateway-fleet", "publisher-fleet", "haproxy"}
+# The services running our own image: hardened (read-only, no capabilities).
+OWN_IMAGE = {"gateway", "publisher", "gateway-fleet", "publisher-fleet"}
+
+# What prometheus-nats-exporter 0.17.3 (the compose image) exports that the dashboard reads,
+# from its source (collector/jsz.go: BuildFQName("jetstream", "stream"|"consumer", ...);
+# /varz fields become gnatsd_varz_<field>, collector/collector.go). Without the exporter
+# here (no Go toolchain, no package) these names cannot be scraped for real: the live test
+# only parses and evaluates the NATS queries (empty results); this list pins the names.
+NATS_EXPORTER_VERSION = "0.17.3"
+NATS_EXPORTER_METRICS = frozenset(
+    {
+        "gnatsd_varz_connections",
+        "gnatsd_varz_slow_consumers",
+        "jetstream_stream_total_messages",
+        "jetstream_stream_total_bytes",
+        "jetstream_consumer_num_pending",
+    }
+)
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool is not installed (apt-get install -y prometheus)"
+)
+AMTOOL = shutil.which("amtool")
+needs_amtool = pytest.mark.skipif(
+    AMTOOL is None, reason="amtool is not installed (apt-get install -y prometheus-alertmanager)"
 )
 
 
@@ -98,6 +123,8 @@ def template_queries() -> list[tuple[str, str]]:
     """(variable, PromQL) for the dashboard's `label_values(selector, label)` variables."""
     queries = []
     for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "datasource":
+            continue
         query = variable["query"]
         text = query["query"] if isinstance(query, dict) else query
         match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", text.strip())
@@ -106,8 +133,22 @@ def template_queries() -> list[tuple[str, str]]:
     return queries
 
 
-def alert_rules() -> list[dict[str, Any]]:
+def rules() -> list[dict[str, Any]]:
+    """Every rule of alerts.yml, recording and alerting."""
     return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"]]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for rule in rules() if "alert" in rule]
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    return [rule for rule in rules() if "record" in rule]
+
+
+def reads_nats_exporter(expr: str) -> bool:
+    """Whether a query reads prometheus-nats-exporter's metrics (not a gateway's)."""
+    return bool(metric_names(expr) & NATS_EXPORTER_METRICS)
 
 
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
@@ -385,17 +426,64 @@ def test_datasources_point_at_the_compose_services() -> None:
         assert urlsplit(source["url"]).hostname in services
 
 
-def test_dashboard_uses_only_provisioned_datasources() -> None:
-    """Every datasource a panel, target or variable names exists with that uid and type."""
-    sources = {s["uid"]: s["type"] for s in load_yaml(DATASOURCES)["datasources"]}
+def datasource_refs(node: Any) -> Iterator[dict[str, Any]]:
+    """Every `"datasource": {...}` object anywhere in a JSON document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource" and isinstance(value, dict):
+                yield value
+            yield from datasource_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from datasource_refs(value)
+
+
+# The dashboard's datasource variables: {variable name: the datasource type it picks}.
+DATASOURCE_VARIABLES = {"datasource": "prometheus", "traces": "tempo"}
+
+
+def test_dashboard_names_datasources_only_through_variables() -> None:
+    """Importable into any Grafana: every panel, target and variable picks its datasource
+    through a datasource variable (no uid written anywhere), and each variable defaults to
+    the provisioned datasource of its type, so compose opens on live data with no click."""
     board = dashboard()
-    refs = [v["datasource"] for v in board["templating"]["list"]]
-    for panel in panels(board):
-        refs += [panel["datasource"]] if "datasource" in panel else []
-        refs += [t["datasource"] for t in panel.get("targets", [])]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    provisioned = {s["uid"]: s["type"] for s in load_yaml(DATASOURCES)["datasources"]}
+    for name, kind in DATASOURCE_VARIABLES.items():
+        variable = variables[name]
+        assert (variable["type"], variable["query"]) == ("datasource", kind)
+        assert provisioned.get(variable["current"]["value"]) == kind, variable["current"]
+    refs = list(datasource_refs(board["panels"])) + list(datasource_refs(board["templating"]))
     assert refs
     for ref in refs:
-        assert sources.get(ref["uid"]) == ref["type"], f"unknown datasource {ref}"
+        variable_ref = re.fullmatch(r"\$\{(\w+)\}", ref["uid"])
+        assert variable_ref, f"hard-coded datasource {ref}"
+        assert DATASOURCE_VARIABLES.get(variable_ref[1]) == ref["type"], ref
+    for ref in datasource_refs(board["annotations"]):
+        assert ref == {"type": "grafana", "uid": "-- Grafana --"}, "only the built-in one"
+    for panel in panels(board):
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"].startswith("${"), panel["title"]
+            for target in panel["targets"]:
+                assert target["datasource"] == panel["datasource"], panel["title"]
+
+
+def test_dashboard_selects_the_job_and_instance_by_variable() -> None:
+    """`job` (default gateway, from gateway_build_info) replaces every literal job; each
+    gateway query filters on it, and per-instance panels on `instance` too."""
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    job = variables["job"]
+    assert job["query"]["query"] == "label_values(gateway_build_info, job)"
+    assert job["current"]["value"] == "gateway"
+    assert 'job="$job"' in variables["instance"]["query"]["query"]
+    assert variables["instance"]["includeAll"]
+    assert 'job="gateway"' not in DASHBOARD.read_text()
+    for title, expr in dashboard_queries():
+        if reads_nats_exporter(expr):
+            assert 'job=~"$nats_job"' in expr, title
+        else:
+            assert 'job="$job"' in expr, title
 
 
 def test_dashboard_identity_and_panels_are_stable_and_explained() -> None:
@@ -420,7 +508,8 @@ def test_dashboard_links_to_the_gateway_traces_in_tempo() -> None:
     assert url.path == "/explore"
     panes = json.loads(parse_qs(url.query)["panes"][0])
     (pane,) = panes.values()
-    assert pane["datasource"] == "tempo"
+    assert pane["datasource"] == "$traces"  # Grafana fills in the Tempo variable's uid
+    assert pane["queries"][0]["datasource"] == {"type": "tempo", "uid": "$traces"}
     assert "gateway" in pane["queries"][0]["query"]
 
 
@@ -439,13 +528,27 @@ def test_metric_names_are_read_from_promql(expr: str, names: set[str]) -> None:
 
 
 def test_dashboard_and_alerts_query_only_exported_metrics() -> None:
-    """Every metric a panel, variable or alert reads is one a gateway exports (or `up`)."""
-    exported = exported_metric_names()
+    """Every metric a panel, variable or rule reads is one a gateway exports (or `up`), one
+    a recording rule records, or (NATS row) one prometheus-nats-exporter exports."""
+    exported = exported_metric_names() | {rule["record"] for rule in recording_rules()}
     sources = dashboard_queries() + template_queries()
-    sources += [(rule["alert"], rule["expr"]) for rule in alert_rules()]
+    sources += [(rule.get("alert") or rule["record"], rule["expr"]) for rule in rules()]
     for where, expr in sources:
-        unknown = metric_names(expr) - exported
-        assert not unknown, f"{where}: {sorted(unknown)} not exported by the gateway"
+        known = exported | (NATS_EXPORTER_METRICS if reads_nats_exporter(expr) else set())
+        unknown = metric_names(expr) - known
+        assert not unknown, f"{where}: {sorted(unknown)} exported by neither"
+
+
+def test_nats_panels_read_what_the_compose_exporter_exports() -> None:
+    """The NATS row queries the exporter metrics pinned above, which the compose exporter
+    (that version, with -varz and -jsz=all) exports, in both stacks."""
+    shown = set().union(*(metric_names(e) for _, e in dashboard_queries()))
+    assert shown & NATS_EXPORTER_METRICS == NATS_EXPORTER_METRICS
+    services = compose()["services"]
+    for name in ("nats-exporter", "nats-exporter-fleet"):
+        exporter = services[name]
+        assert exporter["image"] == f"natsio/prometheus-nats-exporter:{NATS_EXPORTER_VERSION}"
+        assert {"-varz", "-jsz=all"} <= set(exporter["command"]), name
 
 
 def test_dashboard_shows_every_contract_metric() -> None:
@@ -499,6 +602,7 @@ def test_prometheus_scrapes_compose_services_and_loads_the_rules() -> None:
     assert targets["nats"] == [("nats-exporter", 7777)]
     assert targets["nats-fleet"] == [("nats-exporter-fleet", 7777)]
     assert targets["haproxy"] == [("haproxy", 8404)]
+    assert targets["alertmanager"] == [("alertmanager", 9093)]
     assert config["rule_files"] == [ALERTS.name]
     prometheus = services["prometheus"]
     config_dir = mount_target(prometheus, "./grafana/prometheus")
@@ -526,11 +630,80 @@ def test_required_alerts_exist_with_severity_and_description() -> None:
         "GatewayConsumerLagHigh",
         "GatewaySendFailuresHigh",
         "GatewayConnectionsNearCap",
+        "GatewayMessagesSkipped",
+        "GatewayReplicasNotReady",
+        "GatewayClientsDroppedForStalling",
+        "GatewayConsumerShared",
     }
     for rule in rules.values():
         assert rule["labels"]["severity"] in ("critical", "warning")
         assert rule["annotations"]["summary"]
         assert rule["annotations"]["description"]
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_links_its_runbook_section() -> None:
+    """Each alert's runbook_url is docs/runbooks.md#<its name>, a heading of that file;
+    the file has one section per alert and no other."""
+    headings = re.findall(r"^## (.+)$", RUNBOOKS.read_text(), re.M)
+    anchors = {github_anchor(h) for h in headings}
+    alerts = alert_rules()
+    for rule in alerts:
+        url = urlsplit(rule["annotations"]["runbook_url"])
+        assert url.scheme == "https", rule["alert"]
+        assert url.path.endswith("/blob/main/docs/runbooks.md"), url.path
+        assert url.fragment == github_anchor(rule["alert"]), rule["alert"]
+        assert url.fragment in anchors, f"no heading for #{url.fragment} in {RUNBOOKS.name}"
+    assert sorted(headings) == sorted(rule["alert"] for rule in alerts)
+    bases = {rule["annotations"]["runbook_url"].partition("#")[0] for rule in alerts}
+    assert len(bases) == 1, "one runbooks URL for every alert"
+
+
+def test_runbooks_say_what_to_check_and_do() -> None:
+    """Every runbook section says what the alert means, what to check and what to do."""
+    sections = re.split(r"^## ", RUNBOOKS.read_text(), flags=re.M)[1:]
+    assert sections
+    for section in sections:
+        name = section.splitlines()[0]
+        for part in ("**Means.**", "**Check.**", "**Do.**"):
+            assert part in section, f"{name}: {part}"
+
+
+def test_new_alerts_watch_what_they_say() -> None:
+    """Skipped messages, replicas not ready (up and NATS), stalled-client drops and a
+    shared consumer: each reads its metric, with the `for` that makes it more than a blip."""
+    rules = {rule["alert"]: rule for rule in alert_rules()}
+    expected = {
+        "GatewayMessagesSkipped": ({"gateway_messages_skipped_total"}, "5m"),
+        "GatewayReplicasNotReady": ({"gateway:replicas_ready", "gateway:replicas_expected"}, "2m"),
+        "GatewayClientsDroppedForStalling": ({"gateway_connections_closed_total"}, None),
+        "GatewayConsumerShared": ({"gateway_consumer_shared"}, "1m"),
+    }
+    for name, (names, duration) in expected.items():
+        assert metric_names(rules[name]["expr"]) == names, name
+        assert rules[name].get("for") == duration, name
+    assert 'reason="send_timeout"' in rules["GatewayClientsDroppedForStalling"]["expr"]
+    recorded = {rule["record"]: rule["expr"] for rule in recording_rules()}
+    assert metric_names(recorded["gateway:replicas_ready"]) == {"up", "gateway_nats_connected"}
+
+
+def test_expected_replicas_match_the_compose_services() -> None:
+    """gateway:replicas_expected says, per service Prometheus discovers, the replicas
+    compose runs (deploy.replicas, 1 without it)."""
+    (rule,) = [r for r in recording_rules() if r["record"] == "gateway:replicas_expected"]
+    constant = r'label_replace\(vector\((\d+)\), "service", "([\w-]+)", "", ""\)'
+    found = re.findall(constant, rule["expr"])
+    services = compose()["services"]
+    jobs = {job["job_name"]: job for job in load_yaml(PROMETHEUS_CONFIG)["scrape_configs"]}
+    discovered = [name for name, _ in scrape_targets(jobs["gateway"])]
+    assert sorted(name for _, name in found) == sorted(discovered)
+    for count, name in found:
+        assert int(count) == services[name].get("deploy", {}).get("replicas", 1), name
 
 
 def test_connection_alert_fires_at_90_percent_of_the_default_cap() -> None:
@@ -686,17 +859,181 @@ def test_dashboard_has_a_replicas_row_with_one_series_per_replica() -> None:
         for p in board["panels"]
         if row["gridPos"]["y"] < p["gridPos"]["y"] < end
     }
-    assert 'sum(up{job="gateway"})' in inside.pop("Ready replicas")
+    assert 'sum(up{job="$job"})' in inside.pop("Ready replicas")
     wanted = {
         "gateway_connections_active",
         "gateway_delivery_lag_seconds_bucket",
         "gateway_messages_received_total",
         "gateway_nats_connected",
+        "gateway_consumer_shared",
+        "gateway_build_info",
     }
     shown = set()
     for title, exprs in inside.items():
         (expr,) = exprs
         assert re.search(r"\bby \([^)]*\binstance\b", expr), f"{title}: not per instance"
-        assert 'job="gateway"' in expr
+        assert 'job="$job"' in expr
         shown |= metric_names(expr)
     assert shown == wanted
+
+
+def panel_by_title(title: str) -> dict[str, Any]:
+    (panel,) = [p for p in panels(dashboard()) if p.get("title") == title]
+    return panel
+
+
+def test_dashboard_shows_skips_closes_sharing_and_versions() -> None:
+    """The operator's signals: skipped messages (can't keep up), closes stacked by reason,
+    a shared consumer in red, and the version each replica runs."""
+    skipped = panel_by_title("Skipped messages /s (relay behind)")
+    (target,) = skipped["targets"]
+    assert metric_names(target["expr"]) == {"gateway_messages_skipped_total"}
+    steps = skipped["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert {"color": "red", "value": 0.1} in steps, "the alert's threshold, drawn"
+
+    closed = panel_by_title("Connections closed per second by reason")
+    (target,) = closed["targets"]
+    assert metric_names(target["expr"]) == {"gateway_connections_closed_total"}
+    assert re.search(r"\bsum by \(reason\)", target["expr"])
+    assert closed["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+
+    shared = panel_by_title("Consumer shared per replica")
+    (target,) = shared["targets"]
+    assert metric_names(target["expr"]) == {"gateway_consumer_shared"}
+    (mapping,) = shared["fieldConfig"]["defaults"]["mappings"]
+    assert mapping["options"]["1"]["color"] == "red"
+    assert {"color": "red", "value": 1} in shared["fieldConfig"]["defaults"]["thresholds"]["steps"]
+
+    build = panel_by_title("Build info")
+    (target,) = build["targets"]
+    assert metric_names(target["expr"]) == {"gateway_build_info"}
+    assert re.search(r"by \([^)]*\binstance\b[^)]*\bversion\b", target["expr"])
+    assert (build["type"], target["format"], target["instant"]) == ("table", "table", True)
+
+
+def test_dashboard_nats_row_shows_the_exporter_view() -> None:
+    """NATS row: client connections, slow consumers, stream messages and bytes, and the
+    pending count of each consumer on the stream (one series per consumer)."""
+    board = dashboard()
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in board["panels"] if p["type"] == "row")
+    (start,) = [y for y, title in rows if title == "NATS"]
+    end = min([y for y, _ in rows if y > start], default=10**6)
+    inside = {
+        p["title"]: [t["expr"] for t in p["targets"]]
+        for p in board["panels"]
+        if start < p["gridPos"]["y"] < end
+    }
+    wanted = {
+        "NATS client connections": {"gnatsd_varz_connections"},
+        "NATS slow consumers (since server start)": {"gnatsd_varz_slow_consumers"},
+        "JetStream stream messages and bytes": {
+            "jetstream_stream_total_messages",
+            "jetstream_stream_total_bytes",
+        },
+        "JetStream consumer pending per consumer": {"jetstream_consumer_num_pending"},
+    }
+    for title, names in wanted.items():
+        assert set().union(*(metric_names(e) for e in inside[title])) == names, title
+    (pending,) = inside["JetStream consumer pending per consumer"]
+    assert re.search(r"\bby \([^)]*\bconsumer_name\b", pending)
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["stream"]["current"]["value"] == Settings().stream
+    assert variables["nats_job"]["includeAll"]
+
+
+# --- Alertmanager ---------------------------------------------------------------------------
+
+
+def test_prometheus_sends_alerts_to_the_compose_alertmanager() -> None:
+    """prometheus.yml's alertmanager is the `alertmanager` service on the port it listens
+    on; its config dir is mounted where its command reads it; UI on loopback :9093."""
+    services = compose()["services"]
+    alertmanager = services["alertmanager"]
+    (manager,) = load_yaml(PROMETHEUS_CONFIG)["alerting"]["alertmanagers"]
+    (static,) = manager["static_configs"]
+    assert static["targets"] == ["alertmanager:9093"]
+    assert "127.0.0.1:9093:9093" in alertmanager["ports"]
+    assert re.fullmatch(r"prom/alertmanager:v\d+\.\d+\.\d+", alertmanager["image"])
+    config_dir = mount_target(alertmanager, f"./{ALERTMANAGER_CONFIG.parent.relative_to(ROOT)}")
+    assert f"--config.file={config_dir}/{ALERTMANAGER_CONFIG.name}" in alertmanager["command"]
+    assert ALERTMANAGER_CONFIG.exists()
+    assert mount_target(services["prometheus"], "./grafana/prometheus") == "/etc/prometheus"
+    assert "/-/healthy" in alertmanager["healthcheck"]["test"][-1]
+    flags = dict(arg.split("=", 1) for arg in alertmanager["command"])
+    assert mount_target(alertmanager, "alertmanager-data") == flags["--storage.path"]
+    assert "alertmanager-data" in compose()["volumes"]
+
+
+def test_alertmanager_shows_alerts_and_notifies_nobody() -> None:
+    """As shipped: one receiver with no notification config, the route's default; alerts
+    grouped per alert and service; GatewayDown silences the rest of its replica's alerts."""
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    (receiver,) = config["receivers"]
+    assert receiver == {"name": config["route"]["receiver"]}
+    assert "routes" not in config["route"]
+    assert config["route"]["group_by"] == ["alertname", "service"]
+    (down, *_) = config["inhibit_rules"]
+    assert down["source_matchers"] == ['alertname="GatewayDown"']
+    assert down["equal"] == ["instance"]
+
+
+def uncommented_examples(text: str) -> str:
+    """The config with its indented commented lines (the examples) uncommented."""
+    return re.sub(r"(?m)^( +)# ?", r"\1", text)
+
+
+@needs_amtool
+def test_alertmanager_config_and_its_examples_pass_amtool(tmp_path: Path) -> None:
+    """`amtool check-config` accepts the config, and the config with its commented
+    webhook/Slack/PagerDuty examples switched on."""
+    assert AMTOOL is not None
+    _run(AMTOOL, "check-config", str(ALERTMANAGER_CONFIG))
+    examples = tmp_path / "alertmanager.yml"
+    examples.write_text(uncommented_examples(ALERTMANAGER_CONFIG.read_text()))
+    receivers = {r["name"] for r in load_yaml(examples)["receivers"]}
+    assert receivers == {"ui-only", "webhook", "slack", "pagerduty"}
+    _run(AMTOOL, "check-config", str(examples))
+
+
+# --- compose hardening ----------------------------------------------------------------------
+
+
+def test_own_image_services_are_read_only_without_capabilities() -> None:
+    """Gateway and publisher (single and fleet): read-only root, a tmpfs /tmp, every
+    capability dropped, no privilege gain through setuid."""
+    services = compose()["services"]
+    for name in OWN_IMAGE:
+        service = services[name]
+        assert service["read_only"] is True, name
+        tmpfs = [mount.split(":")[0] for mount in service["tmpfs"]]
+        assert tmpfs == ["/tmp"], name  # noqa: S108 -- the container's /tmp, a private tmpfs
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert "cap_add" not in service, name
+        assert "privileged" not in service, name
+
+
+def test_every_service_rotates_its_logs() -> None:
+    """One logging setting (a YAML anchor) on every service: json-file, size-capped, rotated."""
+    services = compose()["services"]
+    settings = [service.get("logging") for service in services.values()]
+    assert all(settings), [name for name, s in services.items() if "logging" not in s]
+    (logging,) = {json.dumps(s, sort_keys=True) for s in settings}
+    logging_config = json.loads(logging)
+    assert logging_config["driver"] == "json-file"
+    assert re.fullmatch(r"\d+m", logging_config["options"]["max-size"])
+    assert int(logging_config["options"]["max-file"]) >= 2
+    assert "x-logging: &logging" in COMPOSE.read_text()
+
+
+def test_dashboard_panels_tile_without_overlap() -> None:
+    """No two panels share a grid cell and none sticks out of the 24 columns, so Grafana
+    shows the layout as written instead of pushing panels around."""
+    taken: dict[tuple[int, int], str] = {}
+    for panel in panels(dashboard()):
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in taken, f"{panel['title']} overlaps {taken[x, y]}"
+                taken[x, y] = panel["title"]

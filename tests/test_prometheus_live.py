@@ -8,6 +8,14 @@ the machine allows it, Prometheus runs in a mount namespace whose /etc/resolv.co
 a DNS server of the test, which answers `gateway-fleet` with two loopback addresses, one
 gateway on each; elsewhere each DNS name becomes the static targets its answer would give,
 labelled as DNS discovery labels them, so the relabelling runs either way.
+
+The dashboard's NATS row reads prometheus-nats-exporter's metrics. No exporter runs here
+(it is a Go binary with no Debian or PyPI package), so those queries are only parsed and
+evaluated by the real Prometheus (an empty answer is fine); their metric names are pinned
+from the exporter's source in test_deploy.py. Every gateway query must return data.
+
+Debian's `prometheus-alertmanager` (where installed) runs with the repo's
+alertmanager.yml, and Prometheus, with the repo's `alerting` section, delivers to it.
 """
 
 from __future__ import annotations
@@ -33,17 +41,21 @@ import yaml
 
 from gateway.natsserver import NatsServer
 from test_deploy import (
+    ALERTMANAGER_CONFIG,
     ALERTS,
     PROMETHEUS_CONFIG,
-    alert_rules,
     dashboard_queries,
     load_yaml,
+    reads_nats_exporter,
+    rules,
     template_queries,
 )
 
 from conftest import GatewayProcess, seconds, wait_until
 
 PROMETHEUS = shutil.which("prometheus") or shutil.which("prometheus", path="/usr/bin")
+# Debian names the binary prometheus-alertmanager; upstream releases, alertmanager.
+ALERTMANAGER = shutil.which("alertmanager") or shutil.which("prometheus-alertmanager")
 UNSHARE = shutil.which("unshare")
 pytestmark = [
     pytest.mark.anyio,
@@ -52,10 +64,18 @@ pytestmark = [
     ),
 ]
 
-# Grafana's variables, as Grafana would expand them for a 1 s scrape interval.
-GRAFANA_VARIABLES = {"__rate_interval": "10s", "__interval": "1s", "instance": ".+"}
+# Grafana's variables, as Grafana would expand them for a 1 s scrape interval and the
+# defaults the dashboard opens with ("All" is ".+").
+GRAFANA_VARIABLES = {
+    "__rate_interval": "10s",
+    "__interval": "1s",
+    "job": "gateway",
+    "instance": ".+",
+    "nats_job": ".+",
+    "stream": ".+",
+}
 # The compose ports the local processes stand in for.
-GATEWAY_PORT, PROMETHEUS_PORT = 8000, 9090
+GATEWAY_PORT, PROMETHEUS_PORT, ALERTMANAGER_PORT = 8000, 9090, 9093
 # The test's DNS server: port 53 is fixed (resolv.conf cannot name another), the address
 # is one no system resolver uses (systemd-resolved is 127.0.0.53).
 DNS_HOST = "127.53.0.1"
@@ -88,14 +108,24 @@ def local_config(
     """The repo's prometheus.yml, run here: 1 s intervals, absolute rule files, local ports.
 
     `ports` maps a port of the compose stack to the local port standing in for it; jobs on
-    other ports (the NATS exporters, HAProxy) are dropped. Static targets move to
-    127.0.0.1. DNS-discovered jobs keep their names: with `dns` the test's DNS server
-    answers them from `zone` (name -> addresses); without, each name becomes the static
-    targets its addresses would give, labelled `__meta_dns_name` as discovery labels them.
+    other ports (the NATS exporters, HAProxy) are dropped, and so are the alertmanagers
+    when none stands in for them. Static targets move to 127.0.0.1. DNS-discovered jobs
+    keep their names: with `dns` the test's DNS server answers them from `zone` (name ->
+    addresses); without, each name becomes the static targets its addresses would give,
+    labelled `__meta_dns_name` as discovery labels them.
     """
     config: dict[str, Any] = load_yaml(PROMETHEUS_CONFIG)
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
     config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / f) for f in config["rule_files"]]
+    managers = [
+        f"127.0.0.1:{ports[int(target.rpartition(':')[2])]}"
+        for manager in config.pop("alerting")["alertmanagers"]
+        for static in manager.pop("static_configs")
+        for target in static["targets"]
+        if int(target.rpartition(":")[2]) in ports
+    ]
+    if managers:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": managers}]}]}
     jobs = []
     for job in config["scrape_configs"]:
         discovered = job.pop("dns_sd_configs", [])
@@ -271,9 +301,14 @@ async def query(http: httpx.AsyncClient, expr: str) -> list[Any]:
 
 @contextlib.asynccontextmanager
 async def prometheus(
-    config: dict[str, Any], port: int, tmp_path: Path, resolv_conf: Path | None = None
+    config: dict[str, Any],
+    port: int,
+    tmp_path: Path,
+    resolv_conf: Path | None = None,
+    flags: Sequence[str] = (),
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """Prometheus with `config` on `port` (reading `resolv_conf` if given), once ready."""
+    """Prometheus with `config` and `flags` on `port` (reading `resolv_conf` if given),
+    once ready."""
     assert PROMETHEUS is not None
     config_file = tmp_path / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config))
@@ -283,6 +318,7 @@ async def prometheus(
         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--log.level=warn",
+        *flags,
     ]
     if resolv_conf is not None:
         args = with_resolver(args, resolv_conf)
@@ -329,20 +365,26 @@ async def test_dashboard_and_alert_queries_work_against_real_prometheus(
                 30,
                 "five scrapes of the gateway",
             )
-            for where, expr in dashboard_queries() + template_queries():
+            queries = dashboard_queries() + template_queries()
+            nats = [(where, expr) for where, expr in queries if reads_nats_exporter(expr)]
+            assert nats, "the NATS row"
+            for where, expr in queries:
+                if (where, expr) in nats:
+                    await query(http, expand(expr))  # parses and evaluates: no exporter here
+                    continue
                 # Rates need two samples in their window: allow a few more scrapes.
                 await wait_until(has_data(http, expr), 10, f"data for {where}: {expr}")
 
-            for rule in alert_rules():
+            for rule in rules():
                 await query(http, rule["expr"])  # parses and evaluates; need not fire
 
             async def rules_evaluated() -> bool:
                 groups = (await http.get("/api/v1/rules")).json()["data"]["groups"]
-                rules = [r for g in groups if g["file"] == str(ALERTS) for r in g["rules"]]
-                assert len(rules) == len(alert_rules()), "Prometheus did not load alerts.yml"
-                for rule in rules:
+                loaded = [r for g in groups if g["file"] == str(ALERTS) for r in g["rules"]]
+                assert len(loaded) == len(rules()), "Prometheus did not load alerts.yml"
+                for rule in loaded:
                     assert rule["health"] != "err", f"{rule['name']}: {rule.get('lastError')}"
-                return all(rule["health"] == "ok" for rule in rules)
+                return all(rule["health"] == "ok" for rule in loaded)
 
             await wait_until(rules_evaluated, 10, "every alert rule to be evaluated")
 
@@ -419,5 +461,100 @@ async def test_prometheus_finds_every_replica_and_panels_split_by_replica(
             await wait_until(one_series_per_replica, 10, f"one series per replica: {where}")
 
         (ready,) = [e for w, e in dashboard_queries() if w == "Ready replicas" and "up{" in e]
-        (result,) = await query(http, ready)
+        (result,) = await query(http, expand(ready))
         assert float(result["value"][1]) == len(REPLICA_HOSTS)
+
+        async def replicas_recorded() -> bool:
+            ready = await query(http, 'gateway:replicas_ready{service="gateway-fleet"}')
+            return [float(s["value"][1]) for s in ready] == [len(REPLICA_HOSTS)]
+
+        # The recording rule sees both replicas ready (up, and connected to NATS).
+        await wait_until(replicas_recorded, 10, "gateway:replicas_ready to count 2 replicas")
+
+
+# Alerts that fire at once, named like the real ones, to drive the real Alertmanager.
+SYNTHETIC_ALERTS = """
+groups:
+  - name: synthetic
+    rules:
+      - alert: GatewayDown
+        expr: vector(1)
+        labels: {severity: critical, instance: "gw-x:8000", service: gateway}
+      - alert: GatewayStreamStale
+        expr: vector(1)
+        labels: {severity: critical, instance: "gw-x:8000", service: gateway}
+      - alert: GatewayStreamStale
+        expr: vector(1)
+        labels: {severity: critical, instance: "gw-y:8000", service: gateway}
+"""
+
+
+@pytest.mark.skipif(
+    ALERTMANAGER is None,
+    reason="alertmanager is not installed (apt-get install -y prometheus-alertmanager)",
+)
+async def test_prometheus_delivers_alerts_to_the_repo_alertmanager(tmp_path: Path) -> None:
+    """Prometheus, with the repo's `alerting` section, sends firing alerts to a real
+    Alertmanager running the repo's alertmanager.yml: shown for the UI-only receiver, and a
+    replica's GatewayDown inhibits that replica's other alerts (not another replica's)."""
+    assert ALERTMANAGER is not None
+    port = free_port("127.0.0.1")
+    ports = {PROMETHEUS_PORT: free_port("127.0.0.1"), ALERTMANAGER_PORT: port}
+    config = local_config({}, ports, dns=False)
+    synthetic = tmp_path / "synthetic.yml"
+    synthetic.write_text(SYNTHETIC_ALERTS)
+    config["rule_files"].append(str(synthetic))
+    (manager,) = config["alerting"]["alertmanagers"]
+    assert manager["static_configs"] == [{"targets": [f"127.0.0.1:{port}"]}]
+    args = [
+        ALERTMANAGER,
+        f"--config.file={ALERTMANAGER_CONFIG}",
+        f"--storage.path={tmp_path / 'alertmanager'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",  # no gossip port: one instance, loopback only
+        "--log.level=warn",
+    ]
+    base_url = f"http://127.0.0.1:{port}"
+    with child(args, tmp_path / "alertmanager.log") as alive:
+        async with httpx.AsyncClient(base_url=base_url, timeout=5, trust_env=False) as am:
+
+            async def am_ready() -> bool:
+                alive()
+                with contextlib.suppress(httpx.TransportError):
+                    return (await am.get("/-/ready")).status_code == 200
+                return False
+
+            await wait_until(am_ready, 20, "Alertmanager to be ready")
+            prom_dir = tmp_path / "prometheus"
+            prom_dir.mkdir()
+            # Alerts that fire before the Alertmanager is discovered are dropped and sent
+            # again after the resend delay (1 minute by default): make that 1 s.
+            resend = ["--rules.alert.resend-delay=1s"]
+            async with prometheus(config, ports[PROMETHEUS_PORT], prom_dir, flags=resend) as http:
+
+                async def delivered() -> list[dict[str, Any]] | None:
+                    alive()
+                    found = (await am.get("/api/v2/alerts")).json()
+                    return found if len(found) == 3 else None
+
+                await wait_until(delivered, 20, "three alerts in Alertmanager")
+                found = await delivered()
+                assert found is not None
+                state = {
+                    (a["labels"]["alertname"], a["labels"]["instance"]): a["status"]["state"]
+                    for a in found
+                }
+                assert state == {
+                    ("GatewayDown", "gw-x:8000"): "active",
+                    ("GatewayStreamStale", "gw-x:8000"): "suppressed",  # inhibited
+                    ("GatewayStreamStale", "gw-y:8000"): "active",
+                }
+                for alert in found:
+                    assert [r["name"] for r in alert["receivers"]] == ["ui-only"]
+
+                body = (await http.get("/api/v1/alertmanagers")).json()["data"]
+                urls = [m["url"] for m in body["activeAlertmanagers"]]
+                assert urls == [f"{base_url}/api/v2/alerts"]
+                await wait_until(
+                    has_data(http, 'up{job="alertmanager"} == 1'), 10, "Alertmanager scraped"
+                )
