@@ -275,3 +275,33 @@ async def test_live_view_can_be_turned_off(
     )
     assert (await http.get(f"http://127.0.0.1:{port}/")).status == 404
     assert (await http.get(f"http://127.0.0.1:{port}/health")).status == 200
+
+
+@needs_chromium
+async def test_event_source_gets_the_cached_and_then_each_new_payload(
+    nats_server: NatsServer, gateway_process: StartGateway, http: APIRequestContext, page: Page
+) -> None:
+    """Chromium's EventSource on /sse/stream: the cached payload, then a new one, ids set."""
+    _, port = await start_gateway(gateway_process, http, {"NATS_URL": nats_server.url})
+    async with jetstream(nats_server.url) as js:
+        first = await publish_json(js, payload(1, 600.5))
+
+        async def cached() -> bool:
+            health = await (await http.get(f"http://127.0.0.1:{port}/health")).json()
+            return health["last_message_ts"] is not None
+
+        await wait_until(cached, what="a cached payload")
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.evaluate(
+            """() => {
+                window.received = [];
+                const source = new EventSource("/sse/stream");
+                source.onmessage = (e) =>
+                    window.received.push([e.lastEventId, JSON.parse(e.data).seq]);
+            }"""
+        )
+        await page.wait_for_function("window.received.length >= 1", timeout=ms(10))
+        second = await publish_json(js, payload(2, 601.5))
+        await page.wait_for_function("window.received.length >= 2", timeout=ms(10))
+    received = await page.evaluate("window.received")
+    assert received[:2] == [[str(first), 1], [str(second), 2]]

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import msgspec
-from litestar import Litestar, MediaType, Response, WebSocket, get, websocket
+from litestar import Litestar, MediaType, Response, WebSocket, asgi, get, websocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.plugins import PluginProtocol
 from litestar.status_codes import (
@@ -27,7 +27,7 @@ from litestar.status_codes import (
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway import fastws
+from gateway import fastws, sse
 from gateway.admission import Refusal, refusal
 from gateway.fastws import DirectWriteProtocol
 from gateway.hub import Client, SocketBroadcaster
@@ -214,6 +214,7 @@ def create_app(
         # hub writes to the socket from the fan-out, and cancels this task if it drops
         # the client (a send stalled or failed), which ends the connection.
         sink = _SocketSink(socket)
+        metrics.connections_by_transport.labels("websocket").inc()
         client = hub.connect(sink)
         code: int | None = None
         try:
@@ -229,6 +230,7 @@ def create_app(
             code = exc.code
         finally:
             hub.disconnect(client)
+            metrics.connections_by_transport.labels("websocket").dec()
             if client.dropped:
                 sink.abort()
             metrics.connections_closed.labels(_close_reason(client, sink, code)).inc()
@@ -269,7 +271,13 @@ def create_app(
     def metrics_endpoint() -> Response[bytes]:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    handlers = [stream, health, ready, metrics_endpoint]
+    serve_events = sse.event_stream(settings, hub, metrics)
+
+    @asgi("/sse/stream", copy_scope=False)
+    async def event_stream(scope: Any, receive: Any, send: Any) -> None:
+        await serve_events(scope, receive, send)
+
+    handlers = [stream, event_stream, health, ready, metrics_endpoint]
     if settings.live_view:
         handlers.append(live_view)
     return Litestar(

@@ -98,6 +98,15 @@ class Metrics:
             "gateway_connections_active", "Connected WebSocket clients.", "livesum"
         )
         self.connections_total = counter("gateway_connections", "Accepted WebSocket connections.")
+        self.connections_by_transport = Gauge(
+            "gateway_connections_by_transport",
+            "Connected clients by transport: websocket or sse (Server-Sent Events).",
+            ["transport"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        for transport in ("websocket", "sse"):
+            self.connections_by_transport.labels(transport)
         self.connections_rejected = Counter(
             "gateway_connections_rejected",
             "Refused WebSocket handshakes, by reason.",

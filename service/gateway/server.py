@@ -27,7 +27,7 @@ from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway import logs
+from gateway import logs, sse
 from gateway.app import create_app
 from gateway.fastws import protocol_class
 from gateway.hub import SocketBroadcaster
@@ -162,6 +162,9 @@ def _handshake_deadline(
             # connection's next request could otherwise trickle in forever.
             super().on_message_begin()
             self._arm_deadline()
+            # A long-lived response (the event stream) whose client stalled must be able to
+            # let go of its socket: close() would wait for a buffer the peer never reads.
+            self.scope["extensions"] = {sse.ABORT: self.transport.abort}  # type: ignore[dict-item]
 
         def _arm_deadline(self) -> None:
             if self._deadline is None:
@@ -202,7 +205,7 @@ def _http_tracing(provider: TracerProvider | None) -> list[OpenTelemetryPlugin]:
         tracer_provider=provider,
         scopes={ScopeType.HTTP},
         exclude_spans=["send", "receive"],
-        exclude=["/metrics", "/health", "/ready"],
+        exclude=["/metrics", "/health", "/ready", "/sse/stream"],  # no span per event stream
         server_request_hook_handler=_redact_span_urls,
     )
     return [OpenTelemetryPlugin(config)]
