@@ -83,6 +83,13 @@ class DirectWriteProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"][EXTENSION] = self
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            # uvicorn leaves this unset after an HTTP refusal (401/403/503), then logs an
+            # ERROR "returned without completing handshake" for every refused client.
+            self.handshake_complete = True
+
     def write_frame(self, frame: bytes) -> bool:
         """Write a complete server frame now if nothing stands in the way; else False."""
         if (

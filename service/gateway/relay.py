@@ -59,6 +59,9 @@ MAX_ACK_PENDING = 1024
 FETCH_TIMEOUT_S = 1.0  # bounds how stale the loop can be; a lost pull request costs this much
 LAG_REFRESH_S = 1.5  # consumer info (lag, and "does my consumer still exist?") this often
 RETRY_S = 1.0  # pause before rebinding after the stream or consumer went away
+# JetStream API requests (consumer info, create, lease updates) give up after this: while
+# a cluster elects new leaders a shorter wait retries sooner (nats-py's default is 5 s).
+JS_API_TIMEOUT_S = 2.0
 EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter than this
 STREAM_MAX_MSGS_PER_SUBJECT = 100
 STREAM_MAX_AGE_S = 3600.0
@@ -157,7 +160,7 @@ class Relay:
         )
         log.info("connected to NATS at %s", self._server_shown())
         self.metrics.nats_connected.set(1)
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
         while not self._closing:  # the one error boundary of this task
             try:
                 await self._consume(js)
