@@ -224,7 +224,8 @@ async def test_floor_resets_when_the_stream_is_recreated_at_the_same_sequence(
     """A recreated stream is noticed by its creation time, even at the old last sequence."""
     from gateway.hub import SocketBroadcaster
     from gateway.metrics import Metrics
-    from gateway.relay import Relay, ensure_stream
+    from gateway.relay import Relay
+    from gateway.streams import ensure_stream
 
     metrics = Metrics(CollectorRegistry(), process=False)
     relay = Relay(make_settings(nats_server.url), SocketBroadcaster(metrics, 5.0), metrics)

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata, resources
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 import msgspec
@@ -33,11 +33,26 @@ from gateway.fastws import DirectWriteProtocol
 from gateway.hub import Client, SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame
-from gateway.relay import Relay
 from gateway.settings import Settings
 
 SERVICE = "gateway"
 VERSION = metadata.version("gateway")
+
+
+class RelayView(Protocol):
+    """What the app reads of the relay (the composition root passes the relay in)."""
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def nats_connected(self) -> bool: ...
+    @property
+    def shared(self) -> bool: ...
+
+    subscribed: bool
+    consumer: str | None
+    consumer_lag: int | None
+    replica: str
 
 
 class Health(msgspec.Struct, frozen=True):
@@ -171,7 +186,7 @@ def create_app(
     *,
     settings: Settings,
     hub: SocketBroadcaster,
-    relay: Relay,
+    relay: RelayView,
     metrics: Metrics,
     plugins: Sequence[PluginProtocol] = (),
     tracer: trace.Tracer | None = None,
@@ -246,7 +261,7 @@ def create_app(
     def health() -> Health:
         # Degraded: no current data (NATS away, not subscribed), or only part of it (our
         # consumer is shared with another process, which takes some of the messages).
-        ok = relay.ready and not relay.sharing.shared
+        ok = relay.ready and not relay.shared
         latest = hub.latest
         return Health(
             service=SERVICE,

@@ -92,6 +92,10 @@ class SocketBroadcaster:
         self._empty.set()
 
     @property
+    def client_count(self) -> int:
+        return len(self.active_connections)
+
+    @property
     def latest_payload(self) -> str | None:
         """The seed's `_latest_payload`: the newest relayed payload, as sent."""
         return self.latest.text if self.latest else None

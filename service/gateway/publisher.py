@@ -16,11 +16,10 @@ from typing import Any
 
 import msgspec
 import nats
-from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway import tracing
-from gateway.relay import ensure_stream
+from gateway.streams import ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +95,7 @@ async def publish(
                 if tracer is None:
                     await js.publish(subject, payload, timeout=2.0)
                 else:
-                    with tracer.start_as_current_span(
-                        f"send {subject}",
-                        kind=trace.SpanKind.PRODUCER,
-                        attributes={
-                            "messaging.system": "nats",
-                            "messaging.operation.name": "send",
-                            "messaging.operation.type": "send",
-                            "messaging.destination.name": subject,
-                            "messaging.message.body.size": len(payload),
-                        },
-                    ):
-                        headers: dict[str, str] = {}
-                        tracing.inject(headers)
+                    with tracing.producer_span(tracer, subject, len(payload)) as headers:
                         await js.publish(subject, payload, timeout=2.0, headers=headers)
             except (TimeoutError, nats.errors.Error) as exc:
                 log.warning("publish %d failed: %s", sent, exc)

@@ -29,6 +29,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Protocol
 
 import nats
 import nats.errors
@@ -36,16 +37,16 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from gateway import tracing
 from gateway.consumer import ConsumerLease, LeaseLost, NoFreeName, ShareDetector
-from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame, InvalidPayload, validate
 from gateway.settings import Settings, redact_url
+from gateway.streams import ensure_stream
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ RETRY_S = 1.0  # pause before rebinding after the stream or consumer went away
 # a cluster elects new leaders a shorter wait retries sooner (nats-py's default is 5 s).
 JS_API_TIMEOUT_S = 2.0
 EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter than this
-STREAM_MAX_MSGS_PER_SUBJECT = 100
-STREAM_MAX_AGE_S = 3600.0
 DRAIN_TIMEOUT_S = 3.0
 RELEASE_TIMEOUT_S = 1.0
 CANCEL_RETRY_S = 0.5
@@ -73,13 +72,24 @@ CANCEL_RETRY_S = 0.5
 MAX_BEHIND = 8
 
 
+class FrameSink(Protocol):
+    """Where relayed frames go: the hub (or a recording fake in tests)."""
+
+    def broadcast(self, frame: Frame) -> int:
+        """Hand `frame` to every client; return how many older frames it replaced."""
+
+    @property
+    def client_count(self) -> int:
+        """Clients connected now."""
+
+
 class Relay:
     """Consumes the subject from JetStream and feeds the hub; reports its own state."""
 
     def __init__(
         self,
         settings: Settings,
-        hub: SocketBroadcaster,
+        hub: FrameSink,
         metrics: Metrics,
         tracer: trace.Tracer | None = None,
     ) -> None:
@@ -125,6 +135,11 @@ class Relay:
     def ready(self) -> bool:
         """Connected and subscribed: the gateway can serve current data."""
         return self.nats_connected and self.subscribed
+
+    @property
+    def shared(self) -> bool:
+        """Another process is seen pulling from our consumer."""
+        return self.sharing.shared
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Relay]:
@@ -288,7 +303,10 @@ class Relay:
         if self.tracer is None:
             relayed = self._offer(seq, msg.data, published_at)
         else:
-            with self._consumer_span(self.tracer, msg, seq):
+            group = self.consumer if self.settings.durable else None
+            with tracing.consumer_span(
+                self.tracer, msg.headers, self.settings.subject, seq, len(msg.data), group
+            ):
                 relayed = self._offer(seq, msg.data, published_at)
         await msg.ack()
         if relayed:
@@ -329,37 +347,13 @@ class Relay:
         if self.tracer is None:
             self.hub.broadcast(frame)
         else:
-            clients = len(self.hub.active_connections)
+            clients = self.hub.client_count
             with self.tracer.start_as_current_span(
                 f"fanout {self.settings.subject}", attributes={"gateway.fanout.clients": clients}
             ) as span:
                 span.set_attribute("gateway.fanout.conflated", self.hub.broadcast(frame))
         self.metrics.last_message_timestamp.set(published_at)
         return True
-
-    def _consumer_span(
-        self, tracer: trace.Tracer, msg: Msg, seq: int
-    ) -> contextlib.AbstractContextManager[trace.Span]:
-        """A CONSUMER span continuing the publisher's trace (messaging semantic conventions)."""
-        parent = tracing.extract(msg.headers)
-        producer = trace.get_current_span(parent).get_span_context()
-        attributes: dict[str, str | int] = {
-            "messaging.system": "nats",
-            "messaging.operation.name": "process",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": self.settings.subject,
-            "messaging.message.id": str(seq),
-            "messaging.message.body.size": len(msg.data),
-        }
-        if self.settings.durable and self.consumer:
-            attributes["messaging.consumer.group.name"] = self.consumer
-        return tracer.start_as_current_span(
-            f"process {self.settings.subject}",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            links=[trace.Link(producer)] if producer.is_valid else None,
-            attributes=attributes,
-        )
 
     async def _close(self) -> None:
         nc = self._nc
@@ -399,29 +393,3 @@ class Relay:
             self._said_unreachable = True
             log.warning("NATS not reachable at %s (%s); retrying", self._server_shown(), exc)
         log.debug("NATS error: %s: %s", type(exc).__name__, exc)
-
-
-async def ensure_stream(js: JetStreamContext, stream: str, subject: str, replicas: int = 1) -> bool:
-    """Create `stream` (bounded, `replicas` copies) if it is missing; never alter one that exists.
-
-    Returns True if this call created it. The stream normally belongs to the Core service.
-    """
-    try:
-        await js.stream_info(stream)
-        return False
-    except nats.js.errors.NotFoundError:
-        pass
-    config = StreamConfig(
-        name=stream,
-        subjects=[subject],
-        storage=StorageType.FILE,
-        max_msgs_per_subject=STREAM_MAX_MSGS_PER_SUBJECT,
-        max_age=STREAM_MAX_AGE_S,
-        allow_direct=True,
-        num_replicas=replicas,
-    )
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        return False  # someone else created it in between: theirs stands
-    return True

@@ -11,9 +11,10 @@ span → fan-out span.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+import contextlib
+from collections.abc import Iterator, Mapping, MutableMapping
 
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk.resources import Resource
@@ -106,3 +107,51 @@ def extract(headers: Mapping[str, str] | None) -> Context:
 def inject(headers: MutableMapping[str, str]) -> None:
     """Write the current trace context into NATS message headers."""
     propagate.inject(headers)
+
+
+def _messaging(operation: str, subject: str, body_size: int) -> dict[str, str | int]:
+    """The OpenTelemetry messaging attributes both ends of a NATS message share."""
+    return {
+        "messaging.system": "nats",
+        "messaging.operation.name": operation,
+        "messaging.operation.type": operation,
+        "messaging.destination.name": subject,
+        "messaging.message.body.size": body_size,
+    }
+
+
+@contextlib.contextmanager
+def producer_span(tracer: trace.Tracer, subject: str, body_size: int) -> Iterator[dict[str, str]]:
+    """A PRODUCER span `send <subject>`; yields the headers that carry it to the consumer."""
+    with tracer.start_as_current_span(
+        f"send {subject}",
+        kind=trace.SpanKind.PRODUCER,
+        attributes=_messaging("send", subject, body_size),
+    ):
+        headers: dict[str, str] = {}
+        inject(headers)
+        yield headers
+
+
+def consumer_span(
+    tracer: trace.Tracer,
+    headers: Mapping[str, str] | None,
+    subject: str,
+    seq: int,
+    body_size: int,
+    group: str | None,
+) -> contextlib.AbstractContextManager[trace.Span]:
+    """A CONSUMER span `process <subject>` continuing the trace in the message headers."""
+    parent = extract(headers)
+    producer = trace.get_current_span(parent).get_span_context()
+    attributes = _messaging("process", subject, body_size)
+    attributes["messaging.message.id"] = str(seq)
+    if group:
+        attributes["messaging.consumer.group.name"] = group
+    return tracer.start_as_current_span(
+        f"process {subject}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        links=[trace.Link(producer)] if producer.is_valid else None,
+        attributes=attributes,
+    )
