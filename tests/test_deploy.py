@@ -242,10 +242,11 @@ def _venv_tool(name: str) -> str:
         ("vendor.compose-spec", "docker-compose.yml"),
         ("vendor.github-workflows", ".github/workflows/*.yml"),
         ("custom.github-workflows-require-timeout", ".github/workflows/*.yml"),
+        ("vendor.dependabot", ".github/dependabot.yml"),
     ],
 )
 def test_file_matches_its_schema(schema: str, pattern: str) -> None:
-    """The compose file and every workflow validate; every workflow job has a timeout."""
+    """Compose, every workflow and Dependabot's config validate; every job has a timeout."""
     files = sorted(str(p) for p in ROOT.glob(pattern))
     assert files, f"no {pattern}"
     _run(_venv_tool("check-jsonschema"), "--builtin-schema", schema, *files)

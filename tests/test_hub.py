@@ -427,7 +427,7 @@ async def test_handed_over_send_that_stalls_is_dropped_after_the_timeout() -> No
 
 
 class DirectSink(FakeSink):
-    """A sink whose server takes prebuilt frames directly (as fastws does)."""
+    """A sink whose server takes prebuilt frames directly (as DirectWriteProtocol does)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -49,6 +49,9 @@ async def test_frames_arrive_in_order_and_byte_identical(nats_server: NatsServer
             for data in payloads:
                 await js.publish("levels.signals", data)
             received = [await asyncio.wait_for(ws.recv(decode=False), seconds(5)) for _ in payloads]
+            # Every frame took the direct write, none the per-client ASGI encoding: a
+            # uvicorn upgrade that silently falls back fails here.
+            assert client.sink._direct.direct_writes == len(payloads)  # type: ignore[attr-defined]
     assert received == payloads
 
 

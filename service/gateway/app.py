@@ -27,13 +27,13 @@ from litestar.status_codes import (
 from opentelemetry import trace
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway import fastws, sse
+from gateway import sse, uvicorn_seam
 from gateway.admission import Refusal, refusal
-from gateway.fastws import DirectWriteProtocol
 from gateway.hub import Client, SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame
 from gateway.settings import Settings
+from gateway.uvicorn_seam import DirectWriteProtocol
 
 SERVICE = "gateway"
 VERSION = metadata.version("gateway")
@@ -77,7 +77,7 @@ class _SocketSink:
 
     def __init__(self, socket: WebSocket[Any, Any, Any]) -> None:
         self._send = socket.send
-        direct = (socket.scope.get("extensions") or {}).get(fastws.EXTENSION)
+        direct = (socket.scope.get("extensions") or {}).get(uvicorn_seam.EXTENSION)
         self._direct = direct if isinstance(direct, DirectWriteProtocol) else None
 
     def write_now(self, frame: Frame) -> bool:
@@ -85,7 +85,7 @@ class _SocketSink:
         return direct is not None and direct.write_frame(frame.websocket(deflate=direct.deflate))
 
     def abort(self) -> None:
-        """Release the socket of a dropped client now (see fastws.DirectWriteProtocol)."""
+        """Release the socket of a dropped client now (see uvicorn_seam.DirectWriteProtocol)."""
         if self._direct is not None:
             self._direct.abort()
 

@@ -11,11 +11,8 @@ Shutdown, in order (SIGTERM or SIGINT):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
 import uvicorn
@@ -25,15 +22,14 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlu
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from gateway import logs, sse
+from gateway import logs
 from gateway.app import create_app
-from gateway.fastws import protocol_class
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.relay import Relay
 from gateway.settings import Settings
+from gateway.uvicorn_seam import GatewayServer, handshake_deadline, protocol_class
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +62,7 @@ class Gateway:
             plugins=_http_tracing(tracer_provider),
             tracer=tracer,
         )
-        self.server = _Server(self._uvicorn_config(), on_shutdown=self._say_goodbye)
+        self.server = GatewayServer(self._uvicorn_config(), on_shutdown=self._say_goodbye)
 
     def _uvicorn_config(self) -> uvicorn.Config:
         s = self.settings
@@ -74,11 +70,11 @@ class Gateway:
             self.app,
             host=s.host,
             port=s.port,
-            http=_handshake_deadline(s.handshake_timeout_s, self._handshake_timed_out),
+            http=handshake_deadline(s.handshake_timeout_s, self._handshake_timed_out),
             # websockets-sansio + frames built once for everyone (compressed once, if on)
             ws=protocol_class(compression=s.ws_compression),
             ws_max_size=s.max_inbound_bytes,  # a larger inbound frame closes with 1009
-            ws_per_message_deflate=False,  # uvicorn's keeps a context per client; fastws' not
+            ws_per_message_deflate=False,  # uvicorn's keeps a context per client; ours does not
             # Pings find half-open connections (a peer gone without a close frame).
             ws_ping_interval=s.ping_interval_s or None,
             ws_ping_timeout=s.ping_interval_s or None,
@@ -117,79 +113,6 @@ class Gateway:
 
     def _handshake_timed_out(self) -> None:
         self.metrics.connections_rejected.labels("handshake_timeout").inc()
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, with our goodbye before its shutdown and a clean exit on signals."""
-
-    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(config)
-        self._on_shutdown = on_shutdown
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await self._on_shutdown()
-        await super().shutdown(sockets)
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # uvicorn re-raises the captured signal after a graceful shutdown, which makes the
-        # process exit 143/130. A drained gateway has done its job: it exits 0.
-        with super().capture_signals():
-            yield
-            self._captured_signals.clear()
-
-
-def _handshake_deadline(
-    timeout_s: float, on_timeout: Callable[[], None]
-) -> type[HttpToolsProtocol]:
-    """uvicorn's HTTP protocol with a deadline for the request head (slowloris guard).
-
-    uvicorn times out idle keep-alive connections but not a request that never completes:
-    a peer could hold a socket open forever by sending nothing, or a byte at a time. This
-    closes a connection whose request head has not arrived within `timeout_s` of the
-    connection (or of that request's first byte).
-    """
-
-    class HandshakeDeadline(HttpToolsProtocol):
-        _deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm_deadline()
-
-        def on_message_begin(self) -> None:
-            # Every request head gets the deadline, not only the first: a kept-alive
-            # connection's next request could otherwise trickle in forever.
-            super().on_message_begin()
-            self._arm_deadline()
-            # A long-lived response (the event stream) whose client stalled must be able to
-            # let go of its socket: close() would wait for a buffer the peer never reads.
-            self.scope["extensions"] = {sse.ABORT: self.transport.abort}  # type: ignore[dict-item]
-
-        def _arm_deadline(self) -> None:
-            if self._deadline is None:
-                self._deadline = self.loop.call_later(timeout_s, self._expire)
-
-        def on_headers_complete(self) -> None:
-            self._cancel_deadline()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_deadline()
-            super().connection_lost(exc)
-
-        def _cancel_deadline(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
-
-        def _expire(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
-                on_timeout()
-                self.transport.close()
-
-    return HandshakeDeadline
 
 
 def _http_tracing(provider: TracerProvider | None) -> list[OpenTelemetryPlugin]:

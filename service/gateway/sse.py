@@ -26,11 +26,11 @@ from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame
 from gateway.settings import Settings
+from gateway.uvicorn_seam import ABORT
 
 KEEPALIVE_S = 15.0  # under the 30-60 s idle timeouts common in proxies and load balancers
 RETRY_MS = 2000  # the browser's reconnect delay (EventSource reconnects on its own)
 RETRY_AFTER_S = 5  # told to clients refused for capacity or shutdown
-ABORT = "gateway.abort"  # scope extension: aborts the connection's transport (server.py)
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
