@@ -46,6 +46,7 @@ class FakeSink:
             self.release.set()
         self.stall_close = stall_close
         self.fail = fail
+        self.aborted = False
         self.gone = asyncio.Event()
         """Set when the peer leaves (it answered our close frame, or the test says so)."""
 
@@ -60,6 +61,11 @@ class FakeSink:
     def write_now(self, frame: Frame) -> bool:
         """Like a server without direct writes: always use the ASGI send path."""
         return False
+
+    def abort(self) -> None:
+        """The server drops the connection: the peer is gone at once."""
+        self.aborted = True
+        self.gone.set()
 
     async def close(self, code: int) -> None:
         self.closes.append((code, asyncio.get_running_loop().time()))
@@ -84,11 +90,7 @@ class Harness:
             client = self.hub.connect(sink)
             connected.set_result(client)
             try:
-                if not client.dropped:
-                    await sink.gone.wait()  # the app reads until the peer leaves
-            except asyncio.CancelledError:
-                if not client.dropped:
-                    raise
+                await sink.gone.wait()  # the app reads until the peer leaves (or is aborted)
             finally:
                 self.hub.disconnect(client)
 
@@ -212,6 +214,9 @@ async def test_stalled_send_is_dropped_after_send_timeout() -> None:
         assert elapsed >= timeout * 0.9, "not dropped before the timeout"
         assert elapsed < seconds(timeout + 2.0), "dropped soon after it"
         assert h.sample("gateway_send_failures_total") == 1
+        assert stalled.aborted, "its connection aborted, the handler ended by that signal"
+        assert not healthy.aborted
+        assert stalled_client.reason == "send_timeout"
         assert stalled_client not in h.hub.active_connections
         assert h.sample("gateway_connections_active") == 1
         h.hub.broadcast(frame(2))

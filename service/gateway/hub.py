@@ -16,8 +16,8 @@ never waits for a socket, so one slow or dead client cannot delay the others:
   clients never need one: a connection costs one task, its handler.
 - A client that is busy gets the frame in its one-slot mailbox ("latest wins"); a frame
   replaced there before it was sent is counted as conflated.
-- A client whose send stalls past the timeout is dropped, alone: its handler task is
-  cancelled, which ends the connection.
+- A client whose send stalls past the timeout is dropped, alone: its connection is
+  aborted (`Sink.abort`), which its handler sees as the peer leaving, and ends.
 - Whatever one client's socket raises (a peer gone, or anything unexpected) drops that
   client alone: the fan-out goes on to the others and never fails the relay.
 
@@ -54,16 +54,18 @@ class Sink(Protocol):
     def write_now(self, frame: Frame) -> bool:
         """Write the frame's prebuilt bytes at once if the socket takes them without waiting."""
 
+    def abort(self) -> None:
+        """End the connection now, discarding what is buffered; its handler then sees the
+        peer leave (a stalled peer would keep a graceful close waiting forever)."""
+
 
 class Client:
     """One connected client: its sink, its one-slot mailbox, its writer when it has one."""
 
-    __slots__ = ("_closed", "_handler", "_pending", "_writer", "dropped", "reason", "sink")
+    __slots__ = ("_closed", "_pending", "_writer", "dropped", "reason", "sink")
 
-    def __init__(self, sink: Sink, handler: asyncio.Task[Any] | None) -> None:
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
-        self._handler = handler
-        """The task serving this connection; cancelled to end it when the client is dropped."""
         self._pending: Frame | None = None
         self._writer: asyncio.Task[None] | None = None
         """Exists only while a send is in flight that could not complete at once."""
@@ -101,12 +103,12 @@ class SocketBroadcaster:
         return self.latest.text if self.latest else None
 
     def connect(self, sink: Sink) -> Client:
-        """Register an accepted socket, from its handler task; send it the cached frame.
+        """Register an accepted socket; send it the cached frame.
 
-        If the hub drops the client later, it cancels that task: the handler must then
-        return (see `Client.dropped`).
+        If the hub drops the client (now, or later), it aborts the connection: the
+        handler sees the peer leave and returns (`Client.reason` says why).
         """
-        client = Client(sink, asyncio.current_task())
+        client = Client(sink)
         self.active_connections.add(client)
         self._empty.clear()
         self.metrics.connections_total.inc()
@@ -232,11 +234,15 @@ class SocketBroadcaster:
         return None
 
     def _drop(self, client: Client, reason: str) -> None:
-        """Give up on a client: no more frames, and its handler ends the connection."""
+        """Give up on a client: no more frames, and its connection is aborted now."""
+        if client.dropped:
+            return
         client._closed = client.dropped = True
         client.reason = client.reason or reason
-        if client._handler is not None and client._handler is not asyncio.current_task():
-            client._handler.cancel()
+        try:
+            client.sink.abort()
+        except Exception as exc:  # already gone: nothing left to release
+            log.debug("abort of a dropped client failed: %s: %s", type(exc).__name__, exc)
 
     async def _say_goodbye(self, client: Client, code: int) -> None:
         client._closed = True

@@ -113,27 +113,18 @@ def event_stream(
         client = hub.connect(sink)
         reason_closed = "client"
         try:
-            reason_closed = await _serve(receive, sink, client.dropped, hub.send_timeout_s)
-        except asyncio.CancelledError:
-            if not client.dropped:
-                raise  # the server is cancelling us: not ours to swallow
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+            # A client the hub drops has its connection aborted, which ends this wait.
+            reason_closed = await _serve(receive, sink, hub.send_timeout_s)
         finally:
             hub.disconnect(client)
             metrics.connections_by_transport.labels("sse").dec()
-            if client.dropped:
-                sink.abort()
             metrics.connections_closed.labels(client.reason or reason_closed).inc()
 
     return handle
 
 
-async def _serve(receive: Receive, sink: EventStreamSink, dropped: bool, timeout_s: float) -> str:
+async def _serve(receive: Receive, sink: EventStreamSink, timeout_s: float) -> str:
     """Wait for the client to leave, writing a keepalive comment when it is quiet."""
-    if dropped:
-        return "client"
     while not sink.ended:
         try:
             message = await asyncio.wait_for(receive(), KEEPALIVE_S)

@@ -9,7 +9,6 @@ sends until it leaves, then counts why it ended (metrics.CLOSE_REASONS).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -183,28 +182,19 @@ def websocket_stream(
             if not await handshake(socket, outcome):
                 return
         # This task only reads (and ignores) what the client sends, until it leaves: the
-        # hub writes to the socket from the fan-out, and cancels this task if it drops
-        # the client (a send stalled or failed), which ends the connection.
+        # hub writes to the socket from the fan-out. A client the hub drops (a send
+        # stalled or failed) has its connection aborted, which ends this read too.
         sink = SocketSink(socket)
         metrics.connections_by_transport.labels("websocket").inc()
         client = hub.connect(sink)
         code: int | None = None
         try:
-            if not client.dropped:
-                code = await _read_until_disconnect(socket)
-        except asyncio.CancelledError:
-            if not client.dropped:
-                raise  # the server is cancelling us: not ours to swallow
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+            code = await _read_until_disconnect(socket)
         except WebSocketDisconnect as exc:
             code = exc.code
         finally:
             hub.disconnect(client)
             metrics.connections_by_transport.labels("websocket").dec()
-            if client.dropped:
-                sink.abort()
             metrics.connections_closed.labels(_close_reason(client, sink, code)).inc()
 
     return stream
