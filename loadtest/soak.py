@@ -31,376 +31,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
-import os
 import random
-import re
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import msgspec
 import nats
 import nats.errors
-import websockets
-from nats.js import JetStreamContext
-from websockets.exceptions import ConnectionClosed
 
+from benchkit.children import READY_TIMEOUT_S, GatewayChild
+from benchkit.procs import fd_count
+from benchkit.rawws import closed_by_peer
+from benchkit.soakclients import (
+    FINAL_TIMEOUT_S,
+    Published,
+    Run,
+    Stats,
+    churn_client,
+    publish_final,
+    publisher,
+    stalled_clients,
+    steady_client,
+)
+from benchkit.soakwatch import HEADER, Sample, row, rss_verdict, scrape, take_sample
 from gateway.natsserver import NatsServer
 
-SUBJECT = "levels.signals"
-READY_TIMEOUT_S = 20.0
-FINAL_TIMEOUT_S = 15.0  # every healthy client gets the final message within this
 SETTLE_TIMEOUT_S = 15.0  # gauge back to 0 and fds back to baseline within this
 FD_SLACK = 2  # fds the gateway may legitimately hold beyond its idle baseline
 RSS_TREND_TOLERANCE = 0.05  # second-half growth (regression) allowed, as a share of the median
 RSS_END_TOLERANCE = 0.10  # end RSS allowed above the post-warm-up median
-
-
-# --- the gateway child process ---------------------------------------------------------
-
-
-class GatewayChild:
-    """`python -m gateway` on a free loopback port; its port is read back from its log."""
-
-    _LISTENING = re.compile(r"Uvicorn running on http://[^:]+:(\d+)")
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway"],
-            env={**os.environ, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": "0", **env},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._started = threading.Event()
-        threading.Thread(target=self._read, name="gateway-log", daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-            if (match := self._LISTENING.search(line)) is not None:
-                self.port = int(match.group(1))
-                self._started.set()
-
-    def wait_started(self) -> int:
-        if not self._started.wait(READY_TIMEOUT_S) or self.port is None:
-            raise RuntimeError("gateway did not start:\n" + "\n".join(self.lines[-20:]))
-        return self.port
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def count(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
-
-    def stop(self) -> None:
-        """Kill it if it is still running (the normal end is a SIGTERM, in `main`)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-_SAMPLE = re.compile(r"^([a-z_]+)(?:\{[^}]*\})? ([-+0-9.eE]+|NaN)$")
-
-
-async def scrape(http: httpx.AsyncClient, port: int) -> dict[str, float]:
-    """Unlabelled samples (and the first of each labelled family) from /metrics."""
-    text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if (match := _SAMPLE.match(line)) is not None:
-            values.setdefault(match.group(1), float(match.group(2)))
-    return values
-
-
-# --- clients ---------------------------------------------------------------------------
-
-
-@dataclass
-class Stats:
-    """What the clients saw, across the whole run."""
-
-    connects: int = 0
-    frames: int = 0
-    first_frame_s: list[float] = field(default_factory=list)
-    """Connect to first frame, for churn clients that connected once data existed."""
-    no_frame: int = 0
-    """Churn clients alive for a second or more that never got a frame."""
-    unexpected_closes: list[str] = field(default_factory=list)
-    order_violations: int = 0
-    final_expected: int = 0
-    final_received: int = 0
-
-
-@dataclass
-class Run:
-    port: int
-    stats: Stats
-    stop_churn: asyncio.Event
-    final_seq: int | None = None
-    final_published: asyncio.Event = field(default_factory=asyncio.Event)
-    data_exists: bool = False
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/stream"
-
-
-def _seq(raw: str | bytes) -> int:
-    doc = json.loads(raw)
-    return int(doc["seq"])
-
-
-async def _await_final(run: Run, ws: websockets.ClientConnection, last_seq: int) -> None:
-    """Read until the final message (counted), or fail after FINAL_TIMEOUT_S."""
-    run.stats.final_expected += 1
-    try:
-        async with asyncio.timeout(FINAL_TIMEOUT_S):
-            await run.final_published.wait()
-            while last_seq < (run.final_seq or 0):
-                seq = _seq(await ws.recv())
-                run.stats.frames += 1
-                if seq <= last_seq:
-                    run.stats.order_violations += 1
-                last_seq = seq
-    except (TimeoutError, ConnectionClosed) as exc:
-        run.stats.unexpected_closes.append(f"final not received: {type(exc).__name__}")
-        return
-    run.stats.final_received += 1
-
-
-async def steady_client(run: Run) -> None:
-    """Connected for the whole run: never dropped, sequence strictly increasing."""
-    stats = run.stats
-    async with websockets.connect(run.url, open_timeout=10) as ws:
-        stats.connects += 1
-        last = 0
-        try:
-            while not run.stop_churn.is_set():
-                try:
-                    async with asyncio.timeout(0.5):  # to look at the stop flag
-                        seq = _seq(await ws.recv())
-                except TimeoutError:
-                    continue
-                stats.frames += 1
-                if seq <= last:
-                    stats.order_violations += 1
-                last = seq
-        except ConnectionClosed as exc:
-            stats.unexpected_closes.append(f"steady client closed: {exc}")
-            return
-        await _await_final(run, ws, last)
-
-
-async def churn_client(run: Run, rng: random.Random) -> None:
-    """Connect, read for a random lifetime, close; again, until churn stops."""
-    stats = run.stats
-    while not run.stop_churn.is_set():
-        lifetime = rng.uniform(0.2, 3.0)
-        had_data = run.data_exists
-        started = time.monotonic()
-        got = 0
-        last = 0
-        try:
-            async with websockets.connect(run.url, open_timeout=10) as ws:
-                stats.connects += 1
-                connected_at = time.monotonic()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(lifetime):
-                        async for raw in ws:
-                            if got == 0 and had_data:
-                                stats.first_frame_s.append(time.monotonic() - connected_at)
-                            got += 1
-                            stats.frames += 1
-                            seq = _seq(raw)
-                            if seq <= last:
-                                stats.order_violations += 1
-                            last = seq
-                if ws.close_code is not None:  # the gateway closed a healthy client
-                    stats.unexpected_closes.append(f"churn client closed: {ws.close_code}")
-                    continue
-                if run.stop_churn.is_set():
-                    await _await_final(run, ws, last)
-        except ConnectionClosed as exc:
-            stats.unexpected_closes.append(f"churn client closed: {exc}")
-        except OSError as exc:
-            stats.unexpected_closes.append(f"churn client could not connect: {exc}")
-        if had_data and got == 0 and time.monotonic() - started >= 1.0:
-            stats.no_frame += 1
-
-
-def stalled_socket(port: int) -> socket.socket:
-    """Complete the WebSocket handshake, then never read and never answer a ping."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    return sock
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    """True if the gateway has closed this stalled socket (reads what is still buffered)."""
-    sock.settimeout(1.0)
-    try:
-        while sock.recv(65536):
-            pass
-    except TimeoutError:
-        return False  # still open: data stopped coming, no end of stream
-    except OSError:
-        return True  # reset
-    return True
-
-
-async def stalled_clients(run: Run, every_s: float, sockets: list[socket.socket]) -> None:
-    """A new stalled client every `every_s` seconds until churn stops; the gateway must drop
-    each one itself (it never answers a ping)."""
-    while not run.stop_churn.is_set():
-        sockets.append(stalled_socket(run.port))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(run.stop_churn.wait(), every_s)
-
-
-# --- publisher -------------------------------------------------------------------------
-
-
-@dataclass
-class Published:
-    ok: int = 0
-    failed: int = 0
-    seq: int = 0
-
-
-async def publisher(js: JetStreamContext, rate_hz: float, pad: str, out: Published) -> None:
-    """Publish at `rate_hz` until cancelled; failures (NATS down) are counted, not fatal."""
-    interval, next_at = 1.0 / rate_hz, time.monotonic()
-    while True:
-        out.seq += 1
-        data = msgspec.json.encode({"seq": out.seq, "ts": time.time(), "pad": pad})
-        try:
-            await js.publish(SUBJECT, data, timeout=1.0)
-            out.ok += 1
-        except (TimeoutError, nats.errors.Error):
-            out.failed += 1
-        next_at += interval
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-
-
-async def publish_final(js: JetStreamContext, out: Published) -> int:
-    deadline = time.monotonic() + FINAL_TIMEOUT_S
-    while True:
-        out.seq += 1
-        data = msgspec.json.encode({"seq": out.seq, "ts": time.time(), "final": True})
-        try:
-            await js.publish(SUBJECT, data, timeout=1.0)
-            out.ok += 1
-            return out.seq
-        except (TimeoutError, nats.errors.Error):
-            out.failed += 1
-            if time.monotonic() > deadline:
-                raise
-
-
-# --- sampling and verdict --------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    t: float
-    rss: int
-    fds: int
-    active: float
-    open_fds: float
-    sent: float
-    conflated: float
-    failures: float
-    nats: float
-
-
-HEADER = (
-    f"{'t_s':>6} {'rss_mb':>7} {'fds':>5} {'active':>6} {'open_fds':>8} "
-    f"{'sent':>9} {'conflated':>9} {'fail':>5} {'nats':>4}"
-)
-
-
-def row(s: Sample) -> str:
-    return (
-        f"{s.t:6.0f} {s.rss / 2**20:7.1f} {s.fds:5d} {s.active:6.0f} {s.open_fds:8.0f} "
-        f"{s.sent:9.0f} {s.conflated:9.0f} {s.failures:5.0f} {s.nats:4.0f}"
-    )
-
-
-async def take_sample(http: httpx.AsyncClient, gw: GatewayChild, t0: float) -> Sample:
-    m = await scrape(http, gw.wait_started())
-    return Sample(
-        t=time.monotonic() - t0,
-        rss=rss_bytes(gw.pid),
-        fds=fd_count(gw.pid),
-        active=m.get("gateway_connections_active", -1),
-        open_fds=m.get("process_open_fds", -1),
-        sent=m.get("gateway_messages_sent_total", -1),
-        conflated=m.get("gateway_messages_conflated_total", -1),
-        failures=m.get("gateway_send_failures_total", -1),
-        nats=m.get("gateway_nats_connected", -1),
-    )
-
-
-def slope_per_s(points: list[tuple[float, float]]) -> float:
-    """Least-squares slope of y over x."""
-    if len(points) < 3:
-        return 0.0
-    xs, ys = zip(*points, strict=True)
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return 0.0 if den == 0 else sum((x - mx) * (y - my) for x, y in points) / den
-
-
-def rss_verdict(samples: list[Sample], warmup_s: float, duration_s: float) -> dict[str, float]:
-    post = [s for s in samples if s.t >= warmup_s] or samples
-    second = [s for s in samples if s.t >= duration_s / 2] or post
-    median = statistics.median(s.rss for s in post)
-    slope = slope_per_s([(s.t, float(s.rss)) for s in second])
-    window = second[-1].t - second[0].t
-    return {
-        "median": median,
-        "slope_per_s": slope,
-        "trend_growth": slope * window,  # what the trend adds over the second half
-        "end": float(samples[-1].rss),
-        "start": float(samples[0].rss),
-        "max": float(max(s.rss for s in samples)),
-    }
 
 
 async def settle(predicate: Callable[[], Awaitable[bool]], within_s: float) -> bool:
@@ -422,9 +89,6 @@ def nats_process(store: Path) -> Iterator[list[NatsServer]]:
     finally:
         for server in servers:
             server.stop()
-
-
-# --- main ------------------------------------------------------------------------------
 
 
 async def soak(args: argparse.Namespace) -> dict[str, object]:
