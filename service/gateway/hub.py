@@ -29,10 +29,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import types
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Generator
+from typing import Protocol
 
+from gateway import sendstep
 from gateway.metrics import Metrics, observe_many
 from gateway.payload import Frame
 
@@ -180,19 +180,16 @@ class SocketBroadcaster:
     def _send_now(self, client: Client, frame: Frame) -> bool:
         """Start the ASGI send of `frame`; True if it completed at once.
 
-        One step of the coroutine: with room in the socket's buffer the whole send runs
-        synchronously and ends here. If it would block, a writer task finishes it.
+        One step of the coroutine (see sendstep.py): with room in the socket's buffer the
+        whole send runs synchronously and ends here. If it would block, a writer task
+        finishes it.
         """
         send = client.sink.send(frame)
-        try:
-            waiting_on = send.send(None)
-        except StopIteration:
+        waiting_on = sendstep.start(send)
+        if waiting_on is sendstep.DONE:
             return True
-        except BaseException:
-            send.close()
-            raise
         client._writer = asyncio.create_task(
-            self._write(client, frame, _resume(send, waiting_on)), name="gateway-writer"
+            self._write(client, frame, sendstep.resume(send, waiting_on)), name="gateway-writer"
         )
         return False
 
@@ -285,19 +282,3 @@ class SocketBroadcaster:
             for task in goodbyes:
                 task.cancel()
             await asyncio.gather(*goodbyes, return_exceptions=True)
-
-
-@types.coroutine
-def _resume(send: Coroutine[Any, Any, None], waiting_on: object) -> Generator[Any, Any, None]:
-    """Continue a send that suspended on its first step, as if it had been awaited.
-
-    `waiting_on` is what the send yielded to the event loop (the future it waits for);
-    yielding it again makes the awaiting task wait for the same thing, then the send is
-    driven to its end. If the wait is cancelled (the send timeout), the send is closed.
-    """
-    try:
-        yield waiting_on
-    except BaseException:
-        send.close()
-        raise
-    yield from send.__await__()
