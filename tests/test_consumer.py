@@ -12,8 +12,9 @@ import nats.js.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from gateway.consumer import BUCKET, ShareDetector, consumer_names
+from gateway.consumer import BUCKET, consumer_names
 from gateway.natsserver import NatsServer
+from gateway.sharing import ShareDetector
 
 from conftest import (
     GatewayProcess,

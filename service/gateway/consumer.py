@@ -18,9 +18,9 @@ replica gets `gateway_levels`, the next `gateway_levels_2`, and so on.
 - A renewal that fails its compare-and-set means somebody else holds the name now (our
   lease expired while NATS was away): the relay stops pulling and claims again.
 
-`ShareDetector` catches what leases cannot: a consumer forced on two processes (leases
-off, or an older gateway without them). JetStream numbers each consumer's deliveries;
-a process that alone pulls sees them without gaps.
+`bind` makes the consumer itself (a leased durable name, a fixed one, or an ephemeral)
+and binds a pull subscription to it. sharing.py catches what leases cannot: a consumer
+forced on two processes.
 """
 
 from __future__ import annotations
@@ -34,12 +34,16 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-log = logging.getLogger(__name__)
+from gateway.settings import Settings
+
+log = logging.getLogger("gateway.relay")  # the relay's voice: operators grep one logger
 
 BUCKET = "gateway_leases"
+MAX_ACK_PENDING = 1024
+EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter than this
 RETRY_S = 0.5  # a renewal that failed to reach NATS is tried again this soon
 MAX_NAMES = 256  # replicas per durable base name; past it a claim fails (and is retried)
 
@@ -207,45 +211,29 @@ async def _bucket(js: JetStreamContext, ttl_s: float, replicas: int) -> KeyValue
         return await js.key_value(BUCKET)  # another replica created it differently first
 
 
-class ShareDetector:
-    """Notices another process pulling from our consumer: its deliveries are missing here.
-
-    JetStream gives each delivery of a consumer the next consumer sequence. When this
-    process alone pulls, the sequences it sees are consecutive; a delivery lost in transit
-    (a reconnect) leaves one gap, so only repeated gaps count: `GAPS` within `WINDOW_S`,
-    outside the `GRACE_S` after a reconnect.
-    """
-
-    GAPS = 3
-    WINDOW_S = 30.0
-    GRACE_S = 5.0
-    CLEAR_S = 60.0  # this long without a gap ends the alarm
-
-    def __init__(self) -> None:
-        self.shared = False
-        self._last_seq = 0
-        self._gaps: list[float] = []
-        self._quiet_until = 0.0
-        self._last_gap = 0.0
-
-    def reset(self, now: float, *, reconnected: bool = False) -> None:
-        """Forget the sequence: a new binding, or a reconnect (whose lost deliveries, and
-        their redeliveries, may leave gaps for a while: those are not counted)."""
-        self._last_seq = 0
-        self._gaps.clear()
-        self._quiet_until = now + self.GRACE_S if reconnected else now
-
-    def observe(self, delivery_seq: int, now: float) -> bool | None:
-        """Note one delivery; True when sharing is first seen, False when it ends, else None."""
-        last, self._last_seq = self._last_seq, delivery_seq
-        if last and delivery_seq > last + 1 and now >= self._quiet_until:
-            self._last_gap = now
-            self._gaps = [t for t in self._gaps if now - t <= self.WINDOW_S] + [now]
-            if not self.shared and len(self._gaps) >= self.GAPS:
-                self.shared = True
-                return True
-        elif self.shared and now - self._last_gap > self.CLEAR_S:
-            self.shared = False
-            self._gaps.clear()
-            return False
-        return None
+async def bind(
+    js: JetStreamContext, settings: Settings, lease: ConsumerLease | None
+) -> tuple[JetStreamContext.PullSubscription, str]:
+    """Make our consumer and bind to it: a leased durable name, a fixed one, or an
+    ephemeral. Returns the subscription and the consumer's name."""
+    config = ConsumerConfig(
+        # A new consumer starts at the newest message; the relay's floor skips it if primed.
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.EXPLICIT,
+        max_ack_pending=MAX_ACK_PENDING,
+        filter_subject=settings.subject,
+    )
+    if not settings.durable:
+        config.inactive_threshold = EPHEMERAL_INACTIVE_S
+        psub = await js.pull_subscribe(settings.subject, stream=settings.stream, config=config)
+        return psub, (await psub.consumer_info()).name
+    name = settings.durable if lease is None else await lease.acquire(js)
+    config.durable_name = name
+    # The server deletes a durable nobody pulls from for this long: consumers of replicas
+    # that are gone do not pile up. Also applied to an existing durable.
+    config.inactive_threshold = settings.consumer_inactive_s
+    try:
+        await js.add_consumer(settings.stream, config)
+    except nats.js.errors.BadRequestError as exc:
+        log.warning("consumer %r has another configuration; using it as is (%s)", name, exc)
+    return await js.pull_subscribe_bind(consumer=name, stream=settings.stream), name

@@ -34,18 +34,18 @@ from typing import Protocol
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from opentelemetry import trace
 from opentelemetry.trace import StatusCode
 
 from gateway import tracing
-from gateway.consumer import ConsumerLease, LeaseLost, NoFreeName, ShareDetector
+from gateway.consumer import ConsumerLease, LeaseLost, NoFreeName, bind
 from gateway.metrics import Metrics
+from gateway.natslink import NatsLink
 from gateway.payload import Frame, InvalidPayload, validate
-from gateway.settings import Settings, redact_url
+from gateway.settings import Settings
+from gateway.sharing import ShareDetector
 from gateway.streams import ensure_stream
 
 log = logging.getLogger(__name__)
@@ -56,15 +56,12 @@ log = logging.getLogger(__name__)
 # up to a second (tests/test_pull.py). A single-message fetch returns whatever reaches
 # the inbox at once. The cost: a backlog drains at one round trip per message.
 FETCH_BATCH = 1
-MAX_ACK_PENDING = 1024
 FETCH_TIMEOUT_S = 1.0  # bounds how stale the loop can be; a lost pull request costs this much
 LAG_REFRESH_S = 1.5  # consumer info (lag, and "does my consumer still exist?") this often
 RETRY_S = 1.0  # pause before rebinding after the stream or consumer went away
 # JetStream API requests (consumer info, create, lease updates) give up after this: while
 # a cluster elects new leaders a shorter wait retries sooner (nats-py's default is 5 s).
 JS_API_TIMEOUT_S = 2.0
-EPHEMERAL_INACTIVE_S = 60.0  # an ephemeral consumer outlives NATS blips shorter than this
-DRAIN_TIMEOUT_S = 3.0
 RELEASE_TIMEOUT_S = 1.0
 CANCEL_RETRY_S = 0.5
 # A message with more than this many newer ones already waiting is skipped, not relayed:
@@ -121,15 +118,16 @@ class Relay:
             if settings.durable and settings.consumer_lease
             else None
         )
-        self._nc: NATS | None = None
+        self._link = NatsLink(
+            settings, metrics, lambda: self.sharing.reset(time.monotonic(), reconnected=True)
+        )
         self._floor = 0
         self._stream_created: datetime | None = None
-        self._said_unreachable = False
         self._closing = False
 
     @property
     def nats_connected(self) -> bool:
-        return self._nc is not None and self._nc.is_connected
+        return self._link.connected
 
     @property
     def ready(self) -> bool:
@@ -148,7 +146,7 @@ class Relay:
         try:
             yield self
         finally:
-            self._closing = True
+            self._closing = self._link.closing = True
             # Cancel until it is done: a cancellation that lands while a library's
             # `wait_for` is completing can be swallowed (CPython gh-86296; seen here under
             # load in nats-py's fetch), and the loop would pull forever.
@@ -160,21 +158,7 @@ class Relay:
             await self._close()
 
     async def _run(self) -> None:
-        self._nc = nc = NATS()
-        await nc.connect(
-            servers=list(self.settings.nats_servers),
-            name="gateway",
-            max_reconnect_attempts=-1,  # never give up: the gateway outlives NATS outages
-            reconnect_time_wait=1,
-            connect_timeout=2,
-            ping_interval=10,  # a dead server is noticed in ~30 s, not the default 4 min
-            max_outstanding_pings=3,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-            error_cb=self._on_error,
-        )
-        log.info("connected to NATS at %s", self._server_shown())
-        self.metrics.nats_connected.set(1)
+        nc = await self._link.connect()
         js = nc.jetstream(timeout=JS_API_TIMEOUT_S)
         while not self._closing:  # the one error boundary of this task
             try:
@@ -189,7 +173,7 @@ class Relay:
 
     async def _consume(self, js: JetStreamContext) -> None:
         await self._ensure_stream(js)
-        psub = await self._subscribe(js)
+        psub, self.consumer = await bind(js, self.settings, self._lease)
         renewal = None if self._lease is None else asyncio.create_task(self._lease.keep())
         try:
             await self._prime(js)
@@ -225,33 +209,6 @@ class Relay:
                     renewal.exception()  # retrieved: raised above already, or moot now
             with contextlib.suppress(Exception):
                 await psub.unsubscribe()
-
-    async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
-        """Bind our own consumer: a leased durable name, a fixed one, or an ephemeral."""
-        s = self.settings
-        config = ConsumerConfig(
-            # A new consumer starts at the newest message; the floor skips it if primed.
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=AckPolicy.EXPLICIT,
-            max_ack_pending=MAX_ACK_PENDING,
-            filter_subject=s.subject,
-        )
-        if not s.durable:
-            config.inactive_threshold = EPHEMERAL_INACTIVE_S
-            psub = await js.pull_subscribe(s.subject, stream=s.stream, config=config)
-            self.consumer = (await psub.consumer_info()).name
-            return psub
-        name = s.durable if self._lease is None else await self._lease.acquire(js)
-        config.durable_name = name
-        # The server deletes a durable nobody pulls from for this long: consumers of
-        # replicas that are gone do not pile up. Also applied to an existing durable.
-        config.inactive_threshold = s.consumer_inactive_s
-        try:
-            await js.add_consumer(s.stream, config)
-        except nats.js.errors.BadRequestError as exc:
-            log.warning("consumer %r has another configuration; using it as is (%s)", name, exc)
-        self.consumer = name
-        return await js.pull_subscribe_bind(consumer=name, stream=s.stream)
 
     async def _ensure_stream(self, js: JetStreamContext) -> None:
         replicas = self.settings.stream_replicas
@@ -356,40 +313,7 @@ class Relay:
         return True
 
     async def _close(self) -> None:
-        nc = self._nc
-        if nc is None or nc.is_closed:
-            return
-        if self._lease is not None and nc.is_connected:
-            with contextlib.suppress(TimeoutError):  # the TTL frees it anyway
+        if self._lease is not None and self._link.connected:
+            with contextlib.suppress(TimeoutError, nats.errors.Error):  # the TTL frees it anyway
                 await asyncio.wait_for(self._lease.release(), RELEASE_TIMEOUT_S)
-        try:
-            if nc.is_connected:
-                await asyncio.wait_for(nc.drain(), DRAIN_TIMEOUT_S)
-        except (TimeoutError, nats.errors.Error, OSError) as exc:
-            log.warning("NATS drain incomplete: %s", exc)
-        with contextlib.suppress(nats.errors.Error, OSError):  # NATS may be gone already
-            await nc.close()
-        self.metrics.nats_connected.set(0)
-
-    def _server_shown(self) -> str:
-        url = self._nc.connected_url if self._nc else None
-        return self.settings.nats_url_redacted if url is None else redact_url(url.geturl())
-
-    async def _on_disconnected(self) -> None:
-        self.metrics.nats_connected.set(0)
-        self._said_unreachable = True
-        if not self._closing:
-            log.warning("disconnected from NATS; reconnecting")
-
-    async def _on_reconnected(self) -> None:
-        self.metrics.nats_connected.set(1)
-        self.sharing.reset(time.monotonic(), reconnected=True)
-        log.info("reconnected to NATS at %s", self._server_shown())
-
-    async def _on_error(self, exc: Exception) -> None:
-        # While NATS is away nats-py reports every failed attempt: say it once, at start,
-        # (later outages are announced by the disconnected callback), the rest is debug.
-        if self._nc is not None and not self._nc.is_connected and not self._said_unreachable:
-            self._said_unreachable = True
-            log.warning("NATS not reachable at %s (%s); retrying", self._server_shown(), exc)
-        log.debug("NATS error: %s: %s", type(exc).__name__, exc)
+        await self._link.close()
