@@ -16,19 +16,21 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 WORKDIR /src
 
-# 1. Dependencies only (no dev/load groups, not the project): this layer is rebuilt
-#    only when pyproject.toml or uv.lock change, not on every code change.
+# 1. Dependencies only: what `gateway serve` needs, no dependency group (dev, load) and no
+#    extra (demo: nats-server), not the project. Rebuilt only when pyproject.toml or
+#    uv.lock change, not on every code change. Bind targets are absolute: buildah (podman)
+#    rejects relative ones, BuildKit accepts both.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \
-    --mount=type=bind,source=uv.lock,target=uv.lock \
-    uv sync --locked --no-default-groups --no-install-project
+    --mount=type=bind,source=pyproject.toml,target=/src/pyproject.toml \
+    --mount=type=bind,source=uv.lock,target=/src/uv.lock \
+    uv sync --locked --no-dev --no-default-groups --no-install-project
 
 # 2. The application, installed as a regular (non-editable) package: the runtime
 #    image needs the venv only, not the source tree.
 COPY pyproject.toml uv.lock README.md ./
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --locked --no-default-groups --no-editable
+    uv sync --locked --no-dev --no-default-groups --no-editable
 
 FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 gateway \
@@ -49,6 +51,17 @@ EXPOSE 8000
 # (readiness is /ready). slim has no curl, so Python's urllib does the request.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('GATEWAY_PORT', '8000') + '/health', timeout=2)"]
+
+# OCI labels from build arguments: CI passes the version, the repository URL and the commit
+# (`--build-arg VERSION=... --build-arg SOURCE=... --build-arg REVISION=...`). Last, so a
+# new commit rebuilds no layer but this metadata.
+ARG VERSION=dev
+ARG SOURCE=""
+ARG REVISION=unknown
+LABEL org.opencontainers.image.title="gateway" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.revision="${REVISION}"
 
 # Exec form: no shell in between, so `docker stop`'s SIGTERM reaches the gateway itself
 # and starts its graceful drain (SPEC: shutdown).
