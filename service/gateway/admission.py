@@ -12,6 +12,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 from enum import StrEnum
+from typing import Any
+from urllib.parse import parse_qsl
 
 from gateway.settings import Settings, normalize_origin
 
@@ -56,3 +58,20 @@ def refusal(
     ):
         return Refusal.AUTH
     return None
+
+
+def scope_headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    """The two request headers admission reads (`origin`, `authorization`), from a raw
+    ASGI scope: nothing else parsed, nothing kept. (Litestar's parsed headers and query
+    would be built and cached on the scope for the connection's whole life: a few
+    hundred bytes times every client.)"""
+    wanted = (b"origin", b"authorization")
+    return {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"] if n in wanted}
+
+
+def scope_refusal(
+    settings: Settings, scope: Mapping[str, Any], headers: Mapping[str, str]
+) -> Refusal | None:
+    """`refusal` for a raw ASGI scope (WebSocket or HTTP) whose `scope_headers` are given."""
+    raw_query = scope["query_string"].decode("latin-1") if settings.auth_token else ""
+    return refusal(settings, dict(parse_qsl(raw_query)), headers)

@@ -168,13 +168,8 @@ class SocketBroadcaster:
         """
         try:
             return client.sink.write_now(frame) or self._send_now(client, frame)
-        except (OSError, RuntimeError):  # the peer went away (uvicorn's ClientDisconnected)
-            self.metrics.send_failures.inc()
-            self._drop(client, "client")
         except Exception as exc:
-            self.metrics.send_failures.inc()
-            log.warning("client dropped: its send failed (%s: %s)", type(exc).__name__, exc)
-            self._drop(client, "error")
+            self._drop(client, self._failed(exc))
         return False
 
     def _send_now(self, client: Client, frame: Frame) -> bool:
@@ -217,18 +212,20 @@ class SocketBroadcaster:
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 await send
-        except TimeoutError:
-            self.metrics.send_failures.inc()
+        except Exception as exc:  # this client's fault alone, whatever it is
+            return self._failed(exc)
+        return None
+
+    def _failed(self, exc: Exception) -> str:
+        """Count a failed send; the close reason it stands for (metrics.CLOSE_REASONS)."""
+        self.metrics.send_failures.inc()
+        if isinstance(exc, TimeoutError):  # before OSError, of which it is a subclass
             log.warning("client dropped: a send stalled for more than %ss", self.send_timeout_s)
             return "send_timeout"
-        except OSError:  # the peer went away mid-send (uvicorn's ClientDisconnected)
-            self.metrics.send_failures.inc()
+        if isinstance(exc, (OSError, RuntimeError)):  # the peer went away (ClientDisconnected)
             return "client"
-        except Exception as exc:  # this client's fault alone, whatever it is
-            self.metrics.send_failures.inc()
-            log.warning("client dropped: its send failed (%s: %s)", type(exc).__name__, exc)
-            return "error"
-        return None
+        log.warning("client dropped: its send failed (%s: %s)", type(exc).__name__, exc)
+        return "error"
 
     def _drop(self, client: Client, reason: str) -> None:
         """Give up on a client: no more frames, and its connection is aborted now."""

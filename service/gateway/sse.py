@@ -19,9 +19,8 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
-from gateway.admission import refusal
+from gateway.admission import scope_headers, scope_refusal
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame
@@ -66,11 +65,6 @@ class EventStreamSink:
             self._abort()
 
 
-def _headers(scope: dict[str, Any]) -> dict[str, str]:
-    wanted = (b"origin", b"authorization")
-    return {n.decode("latin-1"): v.decode("latin-1") for n, v in scope["headers"] if n in wanted}
-
-
 async def _respond(send: Send, status: int, extra: list[tuple[bytes, bytes]]) -> None:
     headers = [(b"content-type", b"text/plain; charset=utf-8"), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -83,13 +77,12 @@ def event_stream(
     """The ASGI handler of `/sse/stream`."""
 
     async def handle(scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        headers = _headers(scope)
-        query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
+        headers = scope_headers(scope)
         retry_after = [(b"retry-after", str(RETRY_AFTER_S).encode())]
         if hub.closing:
             metrics.connections_rejected.labels("draining").inc()
             return await _respond(send, 503, retry_after)
-        reason = refusal(settings, query, headers)
+        reason = scope_refusal(settings, scope, headers)
         if reason is not None:
             metrics.connections_rejected.labels(reason.value).inc()
             return await _respond(send, reason.status, [])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
-from urllib.parse import parse_qsl
 
 from litestar import WebSocket
 from litestar.exceptions import WebSocketDisconnect
@@ -25,7 +24,7 @@ from litestar.status_codes import (
 from opentelemetry import trace
 
 from gateway import uvicorn_seam
-from gateway.admission import Refusal, refusal
+from gateway.admission import scope_headers, scope_refusal
 from gateway.hub import Client, SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame
@@ -80,21 +79,6 @@ async def _refuse(socket: WebSocket[Any, Any, Any], status: int) -> None:
         await socket.send({"type": "websocket.http.response.body", "body": b"", "more_body": False})
     else:
         await socket.send({"type": "websocket.close", "code": 1008, "reason": None})
-
-
-def _check_admission(settings: Settings, scope: Any) -> Refusal | None:
-    """Admission from the raw ASGI scope: only the two headers it needs, nothing cached.
-
-    Litestar's parsed `headers` and `query_params` would be built and kept on the scope
-    for the whole life of the connection: a few hundred bytes times every client.
-    """
-    headers = {
-        name.decode("latin-1"): value.decode("latin-1")
-        for name, value in scope["headers"]
-        if name in (b"origin", b"authorization")
-    }
-    query = dict(parse_qsl(scope["query_string"].decode("latin-1"))) if settings.auth_token else {}
-    return refusal(settings, query, headers)
 
 
 async def _read_until_disconnect(socket: WebSocket[Any, Any, Any]) -> int:
@@ -160,7 +144,7 @@ def websocket_stream(
             outcome(HTTP_503_SERVICE_UNAVAILABLE, "draining")
             await _refuse(socket, HTTP_503_SERVICE_UNAVAILABLE)
             return False
-        reason = _check_admission(settings, socket.scope)
+        reason = scope_refusal(settings, socket.scope, scope_headers(socket.scope))
         if reason is not None:
             metrics.connections_rejected.labels(reason.value).inc()
             outcome(reason.status, reason.value)
