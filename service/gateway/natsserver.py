@@ -52,6 +52,7 @@ class NatsServer:
         self.extra_args = tuple(extra_args)
         self.log: deque[str] = deque(maxlen=500)
         self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -76,15 +77,19 @@ class NatsServer:
         ready = threading.Event()
 
         def read_log() -> None:
+            # The pipe is this thread's alone: closing it from stop() while a read is in
+            # flight raises "I/O operation on closed file" here.
             assert proc.stderr is not None
-            for line in proc.stderr:  # ends when the process exits
-                self.log.append(line.rstrip())
-                if (match := _LISTENING.search(line)) is not None:
-                    self.port = int(match.group(1))
-                if _READY in line:
-                    ready.set()
+            with proc.stderr:
+                for line in proc.stderr:  # ends when the process exits
+                    self.log.append(line.rstrip())
+                    if (match := _LISTENING.search(line)) is not None:
+                        self.port = int(match.group(1))
+                    if _READY in line:
+                        ready.set()
 
-        threading.Thread(target=read_log, name="nats-server-log", daemon=True).start()
+        self._reader = threading.Thread(target=read_log, name="nats-server-log", daemon=True)
+        self._reader.start()
         while not ready.wait(0.05):
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -95,17 +100,16 @@ class NatsServer:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop the server (SIGKILL for a crash) and wait for it to exit. Idempotent."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        finally:
-            if proc.stderr is not None:
-                proc.stderr.close()
+        reader, self._reader = self._reader, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if reader is not None:
+            reader.join(timeout)  # EOF follows the exit; the reader then closes the pipe
 
     def __enter__(self) -> NatsServer:
         return self.start()
