@@ -1,6 +1,6 @@
 """What tracing costs per NATS message: the relay's per-message path, tracing off vs on.
 
-Drives `Relay._handle` (validate, cache, fan out to K client mailboxes, ack) with
+Drives `Ingest.handle` (validate, cache, fan out to K client mailboxes, ack) with
 in-memory messages, so only the gateway's own CPU is measured: no sockets, no NATS. With
 tracing on, each message gets the consumer span (continuing a `traceparent` header) and
 the fan-out span, batched to an exporter that drops them (export happens off the event
@@ -25,9 +25,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from prometheus_client import CollectorRegistry
 
 from gateway.hub import SocketBroadcaster
+from gateway.ingest import Ingest
 from gateway.metrics import Metrics
+from gateway.payload import Frame
 from gateway.publisher import make_payload
-from gateway.relay import Relay
 from gateway.settings import Settings
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -41,10 +42,18 @@ class DropExporter(SpanExporter):
 
 
 class NullSink:
-    async def send_text(self, text: str) -> None:
+    """A client whose socket takes every frame at once (the hub's direct-write path)."""
+
+    async def send(self, frame: Frame) -> None:
         pass
 
     async def close(self, code: int) -> None:
+        pass
+
+    def write_now(self, frame: Frame) -> bool:
+        return True
+
+    def abort(self) -> None:
         pass
 
 
@@ -57,6 +66,7 @@ class _Seq:
 class _Meta:
     sequence: _Seq
     timestamp: dt.datetime
+    num_pending: int = 0
 
 
 @dataclass
@@ -75,14 +85,14 @@ async def per_message_us(traced: bool, clients: int, messages: list[FakeMsg]) ->
     metrics = Metrics(CollectorRegistry(), process=False)
     hub = SocketBroadcaster(metrics, send_timeout_s=5.0)
     for _ in range(clients):
-        hub.connect(NullSink())  # mailboxes only: this measures the hand-off, not sockets
+        hub.connect(NullSink())  # no sockets: this measures the hand-off, not the kernel
     provider = TracerProvider() if traced else None
     if provider is not None:
         provider.add_span_processor(BatchSpanProcessor(DropExporter(), max_queue_size=65536))
-    relay = Relay(Settings(), hub, metrics, provider.get_tracer("bench") if provider else None)
+    ingest = Ingest(Settings(), hub, metrics, provider.get_tracer("bench") if provider else None)
     started = time.perf_counter()
     for msg in messages:
-        await relay._handle(msg)  # the per-message path is what we measure
+        await ingest.handle(msg)  # the per-message path is what we measure
     elapsed = time.perf_counter() - started
     if provider is not None:
         provider.shutdown()

@@ -128,7 +128,7 @@ async def test_rejections_are_counted_by_reason(nats_server: NatsServer) -> None
 
 async def test_relay_behind_skips_stale_messages_and_counts_them(nats_server: NatsServer) -> None:
     """Messages with more than MAX_BEHIND newer ones waiting are skipped and counted."""
-    from gateway.relay import MAX_BEHIND
+    from gateway.ingest import MAX_BEHIND
 
     backlog = 30
     async with jetstream(nats_server.url) as js:

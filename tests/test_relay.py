@@ -236,13 +236,13 @@ async def test_floor_resets_when_the_stream_is_recreated_at_the_same_sequence(
         await relay._ensure_stream(js)  # creates the stream, notes its creation time
         for n in range(3):
             await publish_json(js, {"old": n})
-        relay._floor = 3  # the old stream's newest state was relayed
+        relay.ingest.floor = 3  # the old stream's newest state was relayed
         await relay._ensure_stream(js)
-        assert relay._floor == 3, "same stream: the floor stays"
+        assert relay.ingest.floor == 3, "same stream: the floor stays"
         # Someone deletes and recreates it, and it reaches seq 3 before the relay looks.
         await js.delete_stream("LEVEL_SIGNALS")
         await ensure_stream(js, "LEVEL_SIGNALS", "levels.signals")
         for n in range(3):
             await publish_json(js, {"new": n})
         await relay._ensure_stream(js)
-    assert relay._floor == 0, "new stream with the same last sequence: the floor went"
+    assert relay.ingest.floor == 0, "new stream with the same last sequence: the floor went"

@@ -99,7 +99,7 @@ async def publisher_main(nats_url: str) -> None:
 async def _publish_commands(nats_url: str) -> None:
     import nats
 
-    from gateway.relay import ensure_stream
+    from gateway.streams import ensure_stream
 
     makers = {"pad": make_payload, "levels": realistic_payload}
     nc = await nats.connect(nats_url, name="bench-publisher", max_reconnect_attempts=3)

@@ -2,18 +2,9 @@
 
 One background task owns the NATS side. It connects (retrying forever, so the gateway
 starts without NATS), makes sure the stream exists, binds the consumer, primes the hub's
-cache with the newest message on the subject, then pulls in batches. Every message is
-acknowledged; only valid ones newer than the current state reach the hub.
-
-Falling behind: a message with more than MAX_BEHIND newer messages already waiting is
-acked and skipped (counted), so an overloaded gateway sends fresh state late rather than
-stale state later and later.
-
-Sequence floor: the relay remembers the stream sequence of the state it last offered.
-A message at or below it (a resume backlog after a restart, a redelivery, the newest
-message seen again when rebinding) is acked and skipped, so clients never get a burst of
-stale or repeated frames; every newer message is relayed in order. The floor resets only
-when the stream itself was reset (its last sequence went below the floor).
+cache with the newest message on the subject, then pulls one message at a time. What
+becomes of each message (skipped when behind, below the sequence floor, invalid, or
+relayed) is ingest.py's; the floor resets here, when the stream itself was reset.
 
 Consumer identity: every process pulls from a consumer of its own, so every replica relays
 every message. A durable's name is claimed through a lease (see consumer.py), and a
@@ -29,21 +20,17 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Protocol
 
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
-from opentelemetry.trace import StatusCode
 
-from gateway import tracing
 from gateway.consumer import ConsumerLease, LeaseLost, NoFreeName, bind
+from gateway.ingest import FrameSink, Ingest
 from gateway.metrics import Metrics
 from gateway.natslink import NatsLink
-from gateway.payload import Frame, InvalidPayload, validate
 from gateway.settings import Settings
 from gateway.sharing import ShareDetector
 from gateway.streams import ensure_stream
@@ -64,20 +51,6 @@ RETRY_S = 1.0  # pause before rebinding after the stream or consumer went away
 JS_API_TIMEOUT_S = 2.0
 RELEASE_TIMEOUT_S = 1.0
 CANCEL_RETRY_S = 0.5
-# A message with more than this many newer ones already waiting is skipped, not relayed:
-# small bursts pass whole, a relay that fell behind catches up to the newest state.
-MAX_BEHIND = 8
-
-
-class FrameSink(Protocol):
-    """Where relayed frames go: the hub (or a recording fake in tests)."""
-
-    def broadcast(self, frame: Frame) -> int:
-        """Hand `frame` to every client; return how many older frames it replaced."""
-
-    @property
-    def client_count(self) -> int:
-        """Clients connected now."""
 
 
 class Relay:
@@ -91,10 +64,9 @@ class Relay:
         tracer: trace.Tracer | None = None,
     ) -> None:
         self.settings = settings
-        self.hub = hub
         self.metrics = metrics
-        self.tracer = tracer
-        """None when tracing is off: then no tracing call is made at all."""
+        self.ingest = Ingest(settings, hub, metrics, tracer)
+        """The per-message path, and the sequence floor."""
         self.subscribed = False
         """True while the consumer is bound and known to exist."""
         self.consumer_lag: int | None = None
@@ -121,7 +93,6 @@ class Relay:
         self._link = NatsLink(
             settings, metrics, lambda: self.sharing.reset(time.monotonic(), reconnected=True)
         )
-        self._floor = 0
         self._stream_created: datetime | None = None
         self._closing = False
 
@@ -174,6 +145,7 @@ class Relay:
     async def _consume(self, js: JetStreamContext) -> None:
         await self._ensure_stream(js)
         psub, self.consumer = await bind(js, self.settings, self._lease)
+        self.ingest.group = self.consumer if self.settings.durable else None
         renewal = None if self._lease is None else asyncio.create_task(self._lease.keep())
         try:
             await self._prime(js)
@@ -199,7 +171,8 @@ class Relay:
                 except TimeoutError:  # nats-py also raises the builtin one from inside
                     continue  # no messages, or NATS is away: nats-py reconnects underneath
                 for msg in msgs:
-                    await self._handle(msg)
+                    self._watch_sharing(msg.metadata.sequence.consumer)
+                    await self.ingest.handle(msg)
         finally:
             self.subscribed = False
             if renewal is not None:
@@ -221,9 +194,9 @@ class Relay:
         if self._lease is not None:  # the leases are as available as the stream they name
             self._lease.replicas = info.config.num_replicas or 1
         recreated = self._stream_created is not None and info.created != self._stream_created
-        if recreated or info.state.last_seq < self._floor:
+        if recreated or info.state.last_seq < self.ingest.floor:
             log.warning("stream %s was reset; following its new sequence", self.settings.stream)
-            self._floor = 0
+            self.ingest.floor = 0
         self._stream_created = info.created
 
     async def _prime(self, js: JetStreamContext) -> None:
@@ -233,7 +206,7 @@ class Relay:
         except nats.js.errors.NotFoundError:
             return  # nothing published yet
         if raw.seq is not None and raw.data is not None and raw.time is not None:
-            self._offer(raw.seq, raw.data, raw.time.timestamp())
+            self.ingest.offer(raw.seq, raw.data, raw.time.timestamp())
 
     async def _refresh_lag(self, psub: JetStreamContext.PullSubscription) -> None:
         try:
@@ -244,33 +217,6 @@ class Relay:
         self.consumer_lag = info.num_pending
         if info.num_pending is not None:
             self.metrics.consumer_lag.set(info.num_pending)
-
-    async def _handle(self, msg: Msg) -> None:
-        self.metrics.messages_received.inc()
-        meta = msg.metadata
-        self._watch_sharing(meta.sequence.consumer)
-        seq, published_at = meta.sequence.stream, meta.timestamp.timestamp()
-        if meta.num_pending > MAX_BEHIND:
-            # The relay is behind (overload, or a backlog): newer states are already
-            # waiting, so this one is stale. Skipping it bounds how old a frame can be.
-            self.metrics.messages_skipped.inc()
-            self._floor = max(self._floor, seq)
-            await msg.ack()
-            return
-        if self.tracer is None:
-            relayed = self._offer(seq, msg.data, published_at)
-        else:
-            group = self.consumer if self.settings.durable else None
-            with tracing.consumer_span(
-                self.tracer, msg.headers, self.settings.subject, seq, len(msg.data), group
-            ):
-                relayed = self._offer(seq, msg.data, published_at)
-        await msg.ack()
-        if relayed:
-            # Let every woken writer run before the next message of the batch: a client
-            # whose socket takes the frame at once gets every frame; only one that is
-            # still busy sending has it replaced (conflation).
-            await asyncio.sleep(0)
 
     def _watch_sharing(self, delivery_seq: int) -> None:
         change = self.sharing.observe(delivery_seq, time.monotonic())
@@ -285,32 +231,6 @@ class Relay:
         elif change is False:
             self.metrics.consumer_shared.set(0)
             log.info("consumer %r: no sign of another process any more", self.consumer)
-
-    def _offer(self, seq: int, data: bytes, published_at: float) -> bool:
-        """Relay the message if it is newer than the current state and valid."""
-        if seq <= self._floor:
-            return False
-        self._floor = seq
-        try:
-            text = validate(data, self.settings.max_payload_bytes)
-        except InvalidPayload as exc:
-            self.metrics.messages_invalid.inc()
-            log.warning("message seq=%d on %s rejected: %s", seq, self.settings.subject, exc)
-            span = trace.get_current_span()  # the consumer span, or a no-op when tracing is off
-            span.set_status(StatusCode.ERROR, str(exc))
-            span.set_attribute("error.type", "invalid_payload")
-            return False
-        frame = Frame(text, seq, published_at)
-        if self.tracer is None:
-            self.hub.broadcast(frame)
-        else:
-            clients = self.hub.client_count
-            with self.tracer.start_as_current_span(
-                f"fanout {self.settings.subject}", attributes={"gateway.fanout.clients": clients}
-            ) as span:
-                span.set_attribute("gateway.fanout.conflated", self.hub.broadcast(frame))
-        self.metrics.last_message_timestamp.set(published_at)
-        return True
 
     async def _close(self) -> None:
         if self._lease is not None and self._link.connected:
