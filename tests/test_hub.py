@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.hub import WS_1001_GOING_AWAY, Client, SocketBroadcaster
+from gateway.client import Client
+from gateway.hub import WS_1001_GOING_AWAY, SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame
 
@@ -289,7 +290,7 @@ async def test_peer_that_leaves_is_forgotten_without_close_frame() -> None:
         await h.ended(client)
         assert sink.closes == []
         assert h.hub.active_connections == set()
-        assert client._writer is None, "its writer was stopped"
+        assert client.writer is None, "its writer was stopped"
 
 
 async def test_sent_frame_observes_delivery_lag_from_publish_time() -> None:
@@ -467,6 +468,6 @@ async def test_a_client_that_keeps_up_never_gets_a_writer_task() -> None:
         tasks_before = len(asyncio.all_tasks())
         for n in range(5):
             h.hub.broadcast(frame(n))
-            assert client._writer is None
+            assert client.writer is None
         assert len(asyncio.all_tasks()) == tasks_before
         assert len(sink.frames) == 5

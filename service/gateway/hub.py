@@ -30,9 +30,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import Protocol
 
 from gateway import sendstep
+from gateway.client import Client, Sink
 from gateway.metrics import Metrics, observe_many
 from gateway.payload import Frame
 
@@ -40,40 +40,6 @@ log = logging.getLogger(__name__)
 
 WS_1001_GOING_AWAY = 1001
 CLOSE_TICK_S = 0.05  # shutdown closes clients in batches, one batch per tick
-
-
-class Sink(Protocol):
-    """Where a client's frames go: a WebSocket, an event stream, or a fake in unit tests."""
-
-    async def send(self, frame: Frame) -> None:
-        """Send one frame through the server; may block while the peer is not reading."""
-
-    async def close(self, code: int) -> None:
-        """End the connection (a WebSocket close frame with `code`)."""
-
-    def write_now(self, frame: Frame) -> bool:
-        """Write the frame's prebuilt bytes at once if the socket takes them without waiting."""
-
-    def abort(self) -> None:
-        """End the connection now, discarding what is buffered; its handler then sees the
-        peer leave (a stalled peer would keep a graceful close waiting forever)."""
-
-
-class Client:
-    """One connected client: its sink, its one-slot mailbox, its writer when it has one."""
-
-    __slots__ = ("_closed", "_pending", "_writer", "dropped", "reason", "sink")
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self._pending: Frame | None = None
-        self._writer: asyncio.Task[None] | None = None
-        """Exists only while a send is in flight that could not complete at once."""
-        self._closed = False
-        self.dropped = False
-        """True once the hub gave up on this client (a send failed or stalled)."""
-        self.reason: str | None = None
-        """Why the hub ended it (see metrics.CLOSE_REASONS); None while it did not."""
 
 
 class SocketBroadcaster:
@@ -119,9 +85,9 @@ class SocketBroadcaster:
 
     def disconnect(self, client: Client) -> None:
         """Forget a client and stop its writer. Idempotent."""
-        client._closed = True
-        if client._writer is not None:
-            client._writer.cancel()
+        client.closed = True
+        if client.writer is not None:
+            client.writer.cancel()
         self.active_connections.discard(client)
         self.metrics.connections_active.set(len(self.active_connections))
         if not self.active_connections:
@@ -137,11 +103,11 @@ class SocketBroadcaster:
         self.latest = frame
         conflated = sent = 0
         for client in self.active_connections:
-            if client._closed:
+            if client.closed:
                 continue
-            if client._writer is not None:  # busy: latest wins
-                conflated += client._pending is not None
-                client._pending = frame
+            if client.writer is not None:  # busy: latest wins
+                conflated += client.pending is not None
+                client.pending = frame
                 continue
             if self._write_or_send(client, frame):
                 sent += 1
@@ -183,7 +149,7 @@ class SocketBroadcaster:
         waiting_on = sendstep.start(send)
         if waiting_on is sendstep.DONE:
             return True
-        client._writer = asyncio.create_task(
+        client.writer = asyncio.create_task(
             self._write(client, frame, sendstep.resume(send, waiting_on)), name="gateway-writer"
         )
         return False
@@ -198,12 +164,12 @@ class SocketBroadcaster:
                     return
                 self.metrics.messages_sent.inc()
                 self.metrics.delivery_lag.observe(max(0.0, self.clock() - frame.published_at))
-                if client._pending is None or client._closed:
+                if client.pending is None or client.closed:
                     return
-                frame, client._pending = client._pending, None
+                frame, client.pending = client.pending, None
                 send = client.sink.send(frame)
         finally:
-            client._writer = None
+            client.writer = None
             if isinstance(send, Generator):  # a handed-over send that was cancelled
                 send.close()
 
@@ -231,7 +197,7 @@ class SocketBroadcaster:
         """Give up on a client: no more frames, and its connection is aborted now."""
         if client.dropped:
             return
-        client._closed = client.dropped = True
+        client.closed = client.dropped = True
         client.reason = client.reason or reason
         try:
             client.sink.abort()
@@ -239,10 +205,10 @@ class SocketBroadcaster:
             log.debug("abort of a dropped client failed: %s: %s", type(exc).__name__, exc)
 
     async def _say_goodbye(self, client: Client, code: int) -> None:
-        client._closed = True
+        client.closed = True
         client.reason = client.reason or "shutdown"
-        if client._writer is not None:
-            client._writer.cancel()  # a close frame goes out instead of the pending frames
+        if client.writer is not None:
+            client.writer.cancel()  # a close frame goes out instead of the pending frames
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 await client.sink.close(code)

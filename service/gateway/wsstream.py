@@ -25,7 +25,8 @@ from opentelemetry import trace
 
 from gateway import uvicorn_seam
 from gateway.admission import scope_headers, scope_refusal
-from gateway.hub import Client, SocketBroadcaster
+from gateway.client import Client
+from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
 from gateway.payload import Frame
 from gateway.settings import Settings
