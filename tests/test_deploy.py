@@ -707,12 +707,11 @@ def test_expected_replicas_match_the_compose_services() -> None:
         assert int(count) == services[name].get("deploy", {}).get("replicas", 1), name
 
 
-def test_connection_alert_fires_at_90_percent_of_the_default_cap() -> None:
-    """GatewayConnectionsNearCap's threshold follows GATEWAY_MAX_CONNECTIONS' default."""
+def test_connection_alert_compares_with_each_gateways_own_cap() -> None:
+    """GatewayConnectionsNearCap reads the cap a gateway exports, not a constant that would
+    follow compose's 10000 and miss Kubernetes' 6000 (alerts_test.yml has both)."""
     (rule,) = [r for r in alert_rules() if r["alert"] == "GatewayConnectionsNearCap"]
-    match = re.fullmatch(r"gateway_connections_active > (\d+)", rule["expr"])
-    assert match, rule["expr"]
-    assert float(match[1]) == 0.9 * Settings().max_connections
+    assert rule["expr"] == "gateway_connections_active > 0.9 * gateway_connections_max"
 
 
 # --- the fleet profile ----------------------------------------------------------------------
@@ -871,11 +870,28 @@ def test_dashboard_has_a_replicas_row_with_one_series_per_replica() -> None:
     }
     shown = set()
     for title, exprs in inside.items():
-        (expr,) = exprs
+        expr, *references = exprs
         assert re.search(r"\bby \([^)]*\binstance\b", expr), f"{title}: not per instance"
         assert 'job="$job"' in expr
         shown |= metric_names(expr)
+        assert references in ([], [CAP_LINE]), f"{title}: {references}"
     assert shown == wanted
+
+
+CAP_LINE = 'max(gateway_connections_max{job="$job", instance=~"$instance"})'
+
+
+def test_connection_panels_measure_against_the_exported_cap() -> None:
+    """The cap comes from each gateway (compose 10000, Kubernetes 6000), never a constant:
+    both connection graphs draw it, the stat colours the share of it."""
+    for title in ("Active connections per replica", "Active connections"):
+        for panel in [p for p in panels(dashboard()) if p.get("title") == title]:
+            exprs = [t["expr"] for t in panel["targets"]]
+            if panel["type"] == "stat":
+                assert any("/ sum(gateway_connections_max{" in e for e in exprs), exprs
+            else:
+                assert CAP_LINE in exprs, title
+            assert "9000" not in json.dumps(panel), f"{title}: a constant threshold"
 
 
 def panel_by_title(title: str) -> dict[str, Any]:

@@ -124,6 +124,7 @@ async def test_rejections_are_counted_by_reason(nats_server: NatsServer) -> None
     assert value(registry, "gateway_connections_rejected_total", reason="auth") == 1
     assert value(registry, "gateway_connections_rejected_total", reason="capacity") == 1
     assert value(registry, "gateway_connections_total") == 1, "a refused client is not counted"
+    assert value(registry, "gateway_connections_max") == 1, "the cap, for GatewayConnectionsNearCap"
 
 
 async def test_relay_behind_skips_stale_messages_and_counts_them(nats_server: NatsServer) -> None:

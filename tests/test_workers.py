@@ -33,7 +33,8 @@ async def test_two_workers_relay_everything_and_report_the_whole_service(
     nats_server: NatsServer, gateway_process: Callable[..., GatewayProcess]
 ) -> None:
     """Two workers: every client gets every frame; /health and /metrics count all of them."""
-    proc = gateway_process({"NATS_URL": nats_server.url, "GATEWAY_WORKERS": "2"})
+    env = {"NATS_URL": nats_server.url, "GATEWAY_WORKERS": "2", "GATEWAY_MAX_CONNECTIONS": "100"}
+    proc = gateway_process(env)
     port = proc.wait_started()
     await wait_until(lambda: proc.output.count("consuming levels.signals") == 2, what="workers")
     url = f"ws://127.0.0.1:{port}/ws/stream"
@@ -54,6 +55,7 @@ async def test_two_workers_relay_everything_and_report_the_whole_service(
     assert metric(text, "gateway_connections_active") == CLIENTS
     assert metric(text, "gateway_messages_sent_total") == CLIENTS
     assert metric(text, "gateway_messages_received_total") == 2, "one consumer per worker"
+    assert metric(text, "gateway_connections_max") == 100, "each worker's half of the cap, summed"
     os.kill(proc.proc.pid, signal.SIGTERM)
     for ws in clients:
         with pytest.raises(ConnectionClosed) as closed:

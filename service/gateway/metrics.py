@@ -97,6 +97,11 @@ class Metrics:
         self.connections_active = gauge(
             "gateway_connections_active", "Connected WebSocket clients.", "livesum"
         )
+        self.connections_max = gauge(  # sum: with workers, each has its share of the cap
+            "gateway_connections_max",
+            "The connection cap (GATEWAY_MAX_CONNECTIONS): clients beyond it are refused.",
+            "livesum",
+        )
         self.connections_total = counter("gateway_connections", "Accepted WebSocket connections.")
         self.connections_by_transport = Gauge(
             "gateway_connections_by_transport",

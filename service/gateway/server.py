@@ -51,6 +51,7 @@ class Gateway:
         self.settings = settings
         self.tracer_provider = tracer_provider
         self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
+        self.metrics.connections_max.set(settings.max_connections)
         self.hub = SocketBroadcaster(self.metrics, settings.send_timeout_s)
         tracer = tracer_provider.get_tracer("gateway") if tracer_provider else None
         self.relay = Relay(settings, self.hub, self.metrics, tracer)
