@@ -8,11 +8,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -160,6 +162,31 @@ async def test_console_exporter_prints_the_published_trace_id(
     assert f'"trace_id": "0x{TRACE_ID}"' in proc.output
     assert '"name": "process levels.signals"' in proc.output
     assert '"service.name": "gw"' in proc.output
+
+
+async def test_unreachable_collector_does_not_hold_the_exit(
+    nats_server: NatsServer, gateway_process: Callable[..., GatewayProcess]
+) -> None:
+    """With the collector down, the last spans are given up after a bound, said in one line,
+    and the gateway still exits 0 well inside compose's 15 s grace: the exporter alone would
+    retry for its whole OTEL_EXPORTER_OTLP_TIMEOUT (60 s here) first."""
+    with socket.socket() as closed:  # bound, never listening: connection refused
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        proc = gateway_process(
+            {
+                "NATS_URL": nats_server.url,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                "OTEL_EXPORTER_OTLP_TIMEOUT": "60",
+                "OTEL_BSP_SCHEDULE_DELAY": "60000",  # the spans are still batched at exit
+            }
+        )
+        port = proc.wait_started()
+        async with httpx.AsyncClient() as http:  # a request span to export
+            assert (await http.get(f"http://127.0.0.1:{port}/")).status_code == 200
+        os.kill(proc.proc.pid, signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait_exit, 15) == 0, proc.output
+    assert "spans not flushed within 2s" in proc.output
 
 
 async def _consumer_count(js: object) -> bool:

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(coro)
         if tracer_provider is not None:
-            tracer_provider.shutdown()  # flushes the batched spans
+            tracing.shut_down(tracer_provider)  # flushes the batched spans
     else:
         from gateway.server import banner, run
 

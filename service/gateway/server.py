@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry
 
-from gateway import logs
+from gateway import logs, tracing
 from gateway.app import create_app
 from gateway.hub import SocketBroadcaster
 from gateway.metrics import Metrics
@@ -103,7 +103,7 @@ class Gateway:
                 await self.server.serve(sockets)
         finally:
             if self.tracer_provider is not None:
-                self.tracer_provider.shutdown()  # flushes the spans still batched
+                tracing.shut_down(self.tracer_provider)  # flushes the spans still batched
 
     def request_exit(self) -> None:
         """Start the graceful shutdown, as SIGTERM would."""

@@ -12,6 +12,8 @@ span → fan-out span.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 
 from opentelemetry import propagate, trace
@@ -22,6 +24,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
 EXPORTERS = ("otlp", "console", "none")
+# Exiting waits this long for the last spans. An unreachable collector would otherwise
+# hold the exit for the exporter's whole retry window (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by
+# default), past compose's stop_grace_period and into a SIGKILL.
+FLUSH_ON_EXIT_S = 2.0
+
+log = logging.getLogger(__name__)
 
 
 class TracingConfigError(ValueError):
@@ -54,6 +62,26 @@ def provider_from_env(env: Mapping[str, str], default_service: str) -> TracerPro
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def shut_down(provider: TracerProvider, within_s: float = FLUSH_ON_EXIT_S) -> bool:
+    """Flush the batched spans and stop exporting, waiting at most `within_s` seconds.
+
+    True if everything was exported in time; else the rest is dropped, said in one line.
+    The SDK's own shutdown waits for the exporter without a bound, so it runs in a daemon
+    thread that the interpreter does not wait for at exit.
+    """
+    worker = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+    worker.start()
+    worker.join(within_s)
+    if worker.is_alive():
+        log.warning(
+            "spans not flushed within %.0fs (the trace collector does not answer); "
+            "exiting without them",
+            within_s,
+        )
+        return False
+    return True
 
 
 def _otlp_endpoint_set(env: Mapping[str, str]) -> bool:
