@@ -189,6 +189,39 @@ async def test_unreachable_collector_does_not_hold_the_exit(
     assert "spans not flushed within 2s" in proc.output
 
 
+async def test_publisher_stopped_by_sigterm_flushes_its_spans_and_exits_0(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """`docker stop` of the compose publisher: SIGTERM ends `gateway publish` cleanly (exit 0,
+    its batched PRODUCER spans printed), not with exit 143 and the spans lost."""
+    out = tmp_path / "publisher.out"
+    env = {**os.environ, "NATS_URL": nats_server.url, "OTEL_TRACES_EXPORTER": "console"}
+    with out.open("w") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "gateway", "publish", "--rate", "20"],
+            env={**env, "OTEL_BSP_SCHEDULE_DELAY": "60000"},  # spans wait for the exit
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            async with jetstream(nats_server.url) as js:
+
+                async def published() -> bool:
+                    try:
+                        return (await js.stream_info("LEVEL_SIGNALS")).state.messages >= 3
+                    except Exception:  # the stream is not created yet
+                        return False
+
+                await wait_until(published, what="three published messages")
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), seconds(10)) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert '"name": "send levels.signals"' in out.read_text()
+
+
 async def _consumer_count(js: object) -> bool:
     info = await js.consumer_info("LEVEL_SIGNALS", "gateway_levels")  # type: ignore[attr-defined]
     return bool(info.delivered.stream_seq >= 1 and info.num_ack_pending == 0)

@@ -10,8 +10,10 @@ import argparse
 import asyncio
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any
 
 from gateway import logs, tracing
 from gateway.settings import Settings, SettingsError
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             stream_replicas=settings.stream_replicas,
         )
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(coro)
+            asyncio.run(_until_signalled(coro))
         if tracer_provider is not None:
             tracing.shut_down(tracer_provider)  # flushes the batched spans
     else:
@@ -81,3 +83,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             return workers.serve(settings)
         asyncio.run(run(settings, tracer_provider))
     return 0
+
+
+async def _until_signalled(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run `coro` until it ends, or until SIGTERM or SIGINT: then cancel it, so its own
+    cleanup (draining NATS) runs and the caller flushes spans and exits 0, as a stopped
+    container should (an unhandled SIGTERM was exit 143 with the last spans lost)."""
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
