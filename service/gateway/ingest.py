@@ -28,7 +28,7 @@ from gateway.metrics import Metrics
 from gateway.payload import Frame, InvalidPayload, validate
 from gateway.settings import Settings
 
-log = logging.getLogger("gateway.relay")
+log = logging.getLogger("gateway.relay")  # the relay's voice, as in natslink.py
 
 # A message with more than this many newer ones already waiting is skipped, not relayed:
 # small bursts pass whole, a relay that fell behind catches up to the newest state.
