@@ -68,8 +68,8 @@ def shut_down(provider: TracerProvider, within_s: float = FLUSH_ON_EXIT_S) -> bo
     """Flush the batched spans and stop exporting, waiting at most `within_s` seconds.
 
     True if everything was exported in time; else the rest is dropped, said in one line.
-    The SDK's own shutdown waits for the exporter without a bound, so it runs in a daemon
-    thread that the interpreter does not wait for at exit.
+    The SDK's own shutdown waits up to 30 s for an exporter that keeps retrying, so it runs
+    in a daemon thread, which the interpreter does not wait for at exit.
     """
     worker = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
     worker.start()
