@@ -171,7 +171,9 @@ async def _drive(
 
         # 1. Load: the publisher, then steady, churning and stalled clients.
         js = nc.jetstream()
-        publishing = asyncio.create_task(publisher(js, args.rate, "x" * args.size, published))
+        publishing = asyncio.create_task(
+            publisher(js, args.rate, "x" * args.size, published, run.stop_churn)
+        )
         while published.ok == 0:
             await asyncio.sleep(0.05)
         run.data_exists = True
@@ -200,17 +202,18 @@ async def _drive(
                 next_sample += args.sample_every
 
         # 3. The end: churn stops, the final message must reach every healthy client.
-        run.stop_churn.set()
-        publishing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await publishing
+        run.stop_churn.set()  # the publisher stops too, within one interval
+        await publishing
         run.final_seq = await publish_final(js, published)
         run.final_published.set()
+        print(f"# final message published (seq {run.final_seq})", flush=True)  # overruns say where
         done, pending = await asyncio.wait(clients, timeout=FINAL_TIMEOUT_S + 10)
+        print(f"# clients finished: {len(done)} of {len(clients)}", flush=True)
         for task in pending:
             task.cancel()
             failures.append("a client task did not finish")
-        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:  # bounded: a cancel lost in a library's wait_for must not hang the soak
+            await asyncio.wait(pending, timeout=5)
         for task in done:
             if (exc := task.exception()) is not None:
                 failures.append(f"a client task failed: {type(exc).__name__}: {exc}")

@@ -157,10 +157,16 @@ class Published:
     seq: int = 0
 
 
-async def publisher(js: JetStreamContext, rate_hz: float, pad: str, out: Published) -> None:
-    """Publish at `rate_hz` until cancelled; failures (NATS down) are counted, not fatal."""
+async def publisher(
+    js: JetStreamContext, rate_hz: float, pad: str, out: Published, stop: asyncio.Event
+) -> None:
+    """Publish at `rate_hz` until `stop` is set; failures (NATS down) are counted, not fatal.
+
+    A flag, not cancellation: on Python 3.11 a cancel that lands as nats-py's `wait_for`
+    completes is lost (CPython gh-86296), and the soak then waited for this loop forever.
+    """
     interval, next_at = 1.0 / rate_hz, time.monotonic()
-    while True:
+    while not stop.is_set():
         out.seq += 1
         data = msgspec.json.encode({"seq": out.seq, "ts": time.time(), "pad": pad})
         try:
