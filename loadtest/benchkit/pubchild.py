@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
@@ -152,19 +151,12 @@ def realistic_payload(seq: int, now: float, size: int = 4096) -> bytes:
 
     import msgspec
 
-    from gateway.publisher import LEVEL_KINDS
+    from gateway.publisher import LEVEL_KINDS, document, spot_price
 
     rng = random.Random(seq)
-    spot = round(600 + 5 * math.sin(now / 60) + rng.uniform(-0.25, 0.25), 2)
+    spot = spot_price(now, rng)
     levels: list[dict[str, Any]] = []
-    doc: dict[str, Any] = {
-        "schema": "levels.signals.v1",
-        "ts": now,
-        "seq": seq,
-        "spy": {"spot": spot, "bid": round(spot - 0.01, 2), "ask": round(spot + 0.01, 2)},
-        "levels": levels,
-        "viewport": {"min": round(spot - 10, 2), "max": round(spot + 10, 2)},
-    }
+    doc = document(seq, now, spot, levels)
     encode = msgspec.json.Encoder().encode
     while True:
         levels.append(

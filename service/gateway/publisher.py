@@ -27,10 +27,27 @@ _encode = msgspec.json.Encoder().encode
 LEVEL_KINDS = ("support", "resistance", "gamma_wall", "vwap", "pivot")
 
 
+def spot_price(now: float, rng: random.Random) -> float:
+    """A synthetic SPY spot: a slow sine around 600, plus noise."""
+    return round(600 + 5 * math.sin(now / 60) + rng.uniform(-0.25, 0.25), 2)
+
+
+def document(seq: int, now: float, spot: float, levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """The `levels.signals.v1` document around `levels` (the bench grows its own list)."""
+    return {
+        "schema": "levels.signals.v1",
+        "ts": now,
+        "seq": seq,
+        "spy": {"spot": spot, "bid": round(spot - 0.01, 2), "ask": round(spot + 0.01, 2)},
+        "levels": levels,
+        "viewport": {"min": round(spot - 10, 2), "max": round(spot + 10, 2)},
+    }
+
+
 def make_payload(seq: int, now: float, size: int = 0, rng: random.Random | None = None) -> bytes:
     """One payload: `ts`, `seq`, `spy.spot`, `levels[]`, `viewport`; padded to ~`size` bytes."""
     rng = rng or random.Random(seq)
-    spot = round(600 + 5 * math.sin(now / 60) + rng.uniform(-0.25, 0.25), 2)
+    spot = spot_price(now, rng)
     levels: list[dict[str, Any]] = [
         {
             "price": round(spot + offset, 2),
@@ -39,14 +56,7 @@ def make_payload(seq: int, now: float, size: int = 0, rng: random.Random | None 
         }
         for i, offset in enumerate((-6, -3.5, -1.25, 1.5, 3.75, 6.5))
     ]
-    doc: dict[str, Any] = {
-        "schema": "levels.signals.v1",
-        "ts": now,
-        "seq": seq,
-        "spy": {"spot": spot, "bid": round(spot - 0.01, 2), "ask": round(spot + 0.01, 2)},
-        "levels": levels,
-        "viewport": {"min": round(spot - 10, 2), "max": round(spot + 10, 2)},
-    }
+    doc = document(seq, now, spot, levels)
     data = _encode(doc)
     if size > len(data):
         doc["pad"] = "x" * (size - len(data) - len(',"pad":""'))
